@@ -1,0 +1,50 @@
+"""LoRA: ΔW = (alpha/r) · up · down, applied unmerged as y + s · up(down(x))."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .adapter import Adapter, AdapterFitError, check_shape, require, stored_alpha, zeros
+from .layer_spec import LayerSpec
+
+
+class LoRA(Adapter):
+    name = "LoRA"
+    marker_suffixes = ("lora_up.weight", "lora_down.weight")
+
+    def __init__(self, spec: LayerSpec, down: torch.Tensor, up: torch.Tensor, alpha: float):
+        super().__init__(spec, alpha)
+        self.down = torch.nn.Parameter(down.reshape(down.shape[0], spec.fan_in).float())
+        self.up = torch.nn.Parameter(up.reshape(spec.out_features, -1).float())
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @classmethod
+    def create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator) -> "LoRA":
+        # Kaiming-uniform-like down projection, zero up projection: the model is unchanged at step 0.
+        bound = 1.0 / math.sqrt(spec.fan_in)
+        down = (torch.rand((rank, spec.fan_in), generator=generator) * 2 - 1) * bound
+        return cls(spec, down, zeros((spec.out_features, rank)).data, alpha)
+
+    @classmethod
+    def from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "LoRA":
+        if "lora_mid.weight" in tensors:
+            raise AdapterFitError("LoCon with a mid (Tucker) tensor is not supported for training")
+        down, up = require(tensors, "lora_down.weight", spec), require(tensors, "lora_up.weight", spec)
+        rank = down.shape[0]
+        check_shape("lora_down.weight", down.reshape(rank, -1), (rank, spec.fan_in))
+        check_shape("lora_up.weight", up.reshape(up.shape[0], -1), (spec.out_features, rank))
+        return cls(spec, down, up, stored_alpha(tensors, float(rank)))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        k = self.spec.kernel_size
+        down = self.down.detach().reshape(self.rank, self.spec.in_features, *k)
+        up = self.up.detach().reshape(self.spec.out_features, self.rank, *([1] * len(k)))
+        return {"lora_down.weight": down, "lora_up.weight": up, "alpha": self._alpha_tensor()}
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        h = self.spec.apply_down(self._input(x), self.down)
+        return y + (self.spec.apply_pointwise(h, self.up) * (self.alpha / self.rank)).to(y.dtype)

@@ -1,0 +1,70 @@
+"""OFT: rotates the layer's output channels block-wise with R = (I+Q)(I−Q)⁻¹, Q skew-symmetric (Cayley transform).
+
+Equivalent to ComfyUI's merged form W' = Rᵀ-per-block · W (bias unchanged), applied here to the output instead:
+y' = blocks(y − b) · R + b. ``rank`` is the block size (the largest divisor of out_features not above it);
+``alpha`` is the norm constraint on Q (0 = unconstrained), as in ComfyUI's loader.
+"""
+from __future__ import annotations
+
+import torch
+
+from .adapter import Adapter, AdapterFitError, check_shape, require, stored_alpha, zeros
+from .layer_spec import LayerSpec
+
+
+def block_size_for(out_features: int, rank: int) -> int:
+    size = max(1, min(rank, out_features))
+    while out_features % size:
+        size -= 1
+    return size
+
+
+class OFT(Adapter):
+    name = "OFT"
+    marker_suffixes = ("oft_blocks",)
+
+    def __init__(self, spec: LayerSpec, blocks: torch.Tensor, alpha: float):
+        super().__init__(spec, alpha)
+        self.blocks = torch.nn.Parameter(blocks.float())
+
+    @classmethod
+    def default_alpha(cls, rank: int) -> float:
+        return 0.0
+
+    @classmethod
+    def create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator) -> "OFT":
+        size = block_size_for(spec.out_features, rank)
+        return cls(spec, zeros((spec.out_features // size, size, size)).data, alpha)  # Q = 0: R = I
+
+    @classmethod
+    def from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "OFT":
+        blocks = require(tensors, "oft_blocks", spec)
+        size = blocks.shape[-1]
+        check_shape("oft_blocks", blocks, (spec.out_features // size, size, size))
+        if spec.out_features % size:
+            raise AdapterFitError(f"'oft_blocks' block size {size} does not divide {spec.out_features} outputs")
+        return cls(spec, blocks, stored_alpha(tensors, 0.0))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"oft_blocks": self.blocks.detach(), "alpha": self._alpha_tensor()}
+
+    def rotation(self) -> torch.Tensor:
+        q = self.blocks - self.blocks.transpose(1, 2)
+        constraint = float(self.alpha)
+        if constraint > 0:
+            norm = torch.linalg.norm(q) + 1e-8
+            q = torch.where(norm > constraint, q * (constraint / norm), q)
+        eye = torch.eye(q.shape[-1], device=q.device, dtype=torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            return (eye + q.float()) @ torch.linalg.inv(eye - q.float())
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        r = self.rotation()
+        z = y.movedim(self.spec.channel_dim, -1)  # channels last, where the bias broadcasts
+        b = None if bias is None else bias.to(device=z.device, dtype=z.dtype)
+        if b is not None:
+            z = z - b
+        z = torch.einsum("...kn,knm->...km", z.unflatten(-1, r.shape[:2]), r.to(z.dtype)).flatten(-2)
+        if b is not None:
+            z = z + b
+        return z.movedim(-1, self.spec.channel_dim)

@@ -1,0 +1,74 @@
+"""LoRA files: the key prefix ComfyUI's loader maps to diffusion-model layers, our metadata, atomic saving."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+MODEL_PREFIX = "diffusion_model."
+META = "lora_trainer."  # our metadata keys; kohya-style "ss_*" keys are written too so other tools show them
+
+
+class LoraWeights(dict):
+    """A LORA_MODEL: a plain ``str → tensor`` dict (what ComfyUI's own nodes pass around) that also carries the
+    metadata our Save LoRA writes. ComfyUI's consumers see an ordinary dict."""
+
+    metadata: dict[str, str]
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+        super().__init__(tensors)
+        self.metadata = dict(metadata or {})
+
+
+def build_metadata(*, steps: int, algorithm: str, rank: int, alpha: float, base_model: str, settings: dict,
+                   date: str) -> dict[str, str]:
+    return {
+        "format": "pt",
+        f"{META}version": "1",
+        f"{META}steps": str(steps),
+        f"{META}algorithm": algorithm,
+        f"{META}rank": str(rank),
+        f"{META}alpha": repr(float(alpha)),
+        f"{META}base_model": base_model,
+        f"{META}training_settings": json.dumps(settings, sort_keys=True),
+        f"{META}date": date,
+        "ss_steps": str(steps),
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": repr(float(alpha)),
+        "ss_base_model_version": base_model,
+        "ss_training_finished_at": date,
+    }
+
+
+def stored_steps(metadata: dict[str, str] | None) -> int | None:
+    """Training steps recorded in a file's metadata (ours, else kohya's), or None when it has none."""
+    for key in (f"{META}steps", "ss_steps"):
+        value = (metadata or {}).get(key)
+        if value is not None and str(value).isdigit():
+            return int(value)
+    return None
+
+
+def save_new(directory: Path, stem: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Writes ``<stem>_NNNNN.safetensors`` with the first free counter. The file appears complete or not at all, and
+    an existing file is never replaced (the final name is claimed with a hard link, which fails if it exists)."""
+    import safetensors.torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        counter = 1
+        while True:
+            path = directory / f"{stem}_{counter:05}.safetensors"
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                counter += 1
+    finally:
+        os.unlink(tmp)

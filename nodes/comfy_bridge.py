@@ -1,0 +1,136 @@
+"""Everything that knows ComfyUI internals: the model's schedule, per-sample conditioning, the trainable view of a
+MODEL, and applying a LoRA the way ComfyUI's loader does. One guarded code path per version difference lives here."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+
+import comfy.lora
+import comfy.model_management
+import comfy.sampler_helpers
+import comfy.samplers
+import comfy.sd
+
+from ..lora.adapter_set import LoraFileError, split_keys
+from ..lora.file_format import MODEL_PREFIX
+
+log = logging.getLogger("lora_trainer")
+
+
+class ComfySchedule:
+    """training.objectives.Schedule backed by the model's own ``model_sampling`` (any prediction type)."""
+
+    def __init__(self, model_sampling, device: torch.device):
+        self.ms = model_sampling
+        self.sigmas = model_sampling.sigmas.detach().float().cpu()
+
+    def noisy(self, sigma: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return self.ms.noise_scaling(sigma.reshape(-1), noise, x0, max_denoise=False)
+
+    def output_scale(self, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.reshape(-1).to(like.device)
+        ones = torch.ones((like.shape[0],) + (1,) * (like.ndim - 1), device=like.device)
+        return self.ms.calculate_denoised(sigma, ones, torch.zeros_like(ones)).float()
+
+
+def base_model_name(patcher) -> str:
+    return type(patcher.model.model_config).__name__
+
+
+def latents_in_model_space(patcher, samples: torch.Tensor) -> torch.Tensor:
+    """Applies the model's latent format (scale/shift), as ComfyUI's samplers do before denoising."""
+    return patcher.model.process_latent_in(samples)
+
+
+class SampleConditioning:
+    """Each sample's own conditioning, encoded once by the model (``extra_conds``) and batched on demand."""
+
+    def __init__(self, patcher, captions: list[list], latents: list[torch.Tensor], device: torch.device):
+        self.per_sample = []
+        for i, (caption, x) in enumerate(zip(captions, latents)):
+            converted = comfy.sampler_helpers.convert_cond([caption])
+            try:
+                encoded = comfy.samplers.encode_model_conds(
+                    patcher.model.extra_conds, converted, x.unsqueeze(0), device, "positive")
+                conds = {}
+                for k, v in encoded[0]["model_conds"].items():
+                    v = v.process_cond(batch_size=1, device=device, area=None)
+                    conds[k] = v._copy_with(v.cond.to(device)) if torch.is_tensor(v.cond) else v
+            except Exception as e:  # the model could not use this conditioning at all
+                raise ValueError(f"positive: conditioning {i} does not fit this model ({type(e).__name__}: {e})") from e
+            if not conds:
+                raise ValueError(f"positive: conditioning {i} gives this model no inputs (is it from the right encoder?)")
+            self.per_sample.append(conds)
+
+    def batch(self, ids: list[int]) -> dict:
+        return comfy.samplers.cond_cat([self.per_sample[i] for i in ids])
+
+
+def denoiser(patcher, conditioning: SampleConditioning):
+    transformer_options = dict(patcher.model_options.get("transformer_options", {}))
+
+    def denoise(x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        kwargs = conditioning.batch(ids)
+        return patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options, **kwargs)
+
+    return denoise
+
+
+@contextlib.contextmanager
+def trainable_model(patcher) -> Iterator[object]:
+    """A clone of the MODEL loaded by ComfyUI's memory manager with weights autograd may save for backward.
+
+    ComfyUI builds models under ``torch.inference_mode``, so their weights are inference tensors that backward
+    cannot use. Giving the clone a zero-strength patch on every weight makes ComfyUI's own loader write ordinary
+    copies (and back the originals up, as for any LoRA); unloading restores the originals. The input MODEL, its
+    patches and options are never touched."""
+    clone = patcher.clone()
+    clone.weight_inplace_update = False  # in-place writes into inference tensors are not allowed outside inference
+    zero = torch.zeros(())
+    # Parameters only: patching a buffer would turn it into a Parameter for good.
+    keys = [k for k, _ in clone.model.named_parameters() if k.startswith(MODEL_PREFIX)]
+    clone.add_patches({k: ("diff", (zero,)) for k in keys}, strength_patch=0.0)
+    comfy.model_management.load_models_gpu([clone])
+    try:
+        yield clone
+    finally:
+        _release(clone)
+
+
+def _release(clone) -> None:
+    """Unloads the training clone through the memory manager, which puts the original weights back."""
+    loaded_models = comfy.model_management.current_loaded_models
+    for i in reversed(range(len(loaded_models))):
+        if loaded_models[i].model is clone:
+            loaded_models[i].model_unload()
+            loaded_models.pop(i)
+
+
+def key_map(patcher) -> dict[str, str]:
+    """ComfyUI's own map from LoRA key prefixes (all naming schemes it knows) to diffusion-model weight keys."""
+    return comfy.lora.model_lora_keys_unet(patcher.model, {})
+
+
+def modules_of_file(patcher, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A LoRA state dict in any naming scheme ComfyUI reads, as ``{layer name in diffusion_model: {suffix: tensor}}``."""
+    names = key_map(patcher)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for prefix, tensors in split_keys(state, "").items():
+        target = names.get(prefix)
+        if target is None or not target.startswith(MODEL_PREFIX):
+            raise LoraFileError(f"'{prefix}' is not a layer of this {base_model_name(patcher)} model")
+        layer = target[len(MODEL_PREFIX):]
+        for suffix in (".weight", ".bias"):
+            if layer.endswith(suffix):
+                layer = layer[: -len(suffix)]
+        out.setdefault(layer, {}).update(tensors)
+    return out
+
+
+def with_lora(patcher, lora: dict[str, torch.Tensor], strength: float = 1.0):
+    """The MODEL with a LoRA applied exactly as ComfyUI's LoRA loaders apply it."""
+    model, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)
+    return model

@@ -1,0 +1,49 @@
+"""Where LoRA files live (ComfyUI's ``loras`` folders) and reading one safely (safetensors only, never pickle)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+import folder_paths
+
+from ..lora.file_format import stored_steps
+
+log = logging.getLogger("lora_trainer")
+NONE = "[None]"
+
+
+def lora_choices() -> list[str]:
+    return [NONE] + [f for f in folder_paths.get_filename_list("loras") if f.endswith(".safetensors")]
+
+
+def main_lora_dir() -> Path:
+    """The user's main ``loras`` folder: the one loaders list first."""
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def read_lora(name: str, what: str = "existing_lora") -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ValueError(f"{what}: '{name}' is not in the loras folder")
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{what}: '{name}' is not a .safetensors file (other formats can run code when loaded)")
+    import safetensors
+    import safetensors.torch
+
+    try:
+        tensors = safetensors.torch.load_file(path)
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"{what}: '{name}' is not a readable safetensors file ({e})") from None
+    return tensors, metadata, Path(path)
+
+
+def previous_steps(name: str, metadata: dict[str, str]) -> int:
+    steps = stored_steps(metadata)
+    if steps is None:
+        log.warning("existing_lora '%s' records no step count in its metadata; counting 0 previous steps", name)
+        return 0
+    return steps

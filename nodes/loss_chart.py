@@ -1,0 +1,53 @@
+"""Draws a loss curve into an RGB image with Pillow (no plotting library needed)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+WIDTH, HEIGHT, MARGIN = 640, 360, 48
+
+
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    out, current = [], None
+    for v in values:
+        current = v if current is None else weight * current + (1 - weight) * v
+        out.append(current)
+    return out
+
+
+def loss_chart(values: list[float]) -> np.ndarray:
+    """An HxWx3 uint8 chart of ``values`` (raw and smoothed). Empty, single or constant series are drawn too."""
+    img = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = MARGIN, MARGIN // 2, WIDTH - MARGIN // 2, HEIGHT - MARGIN
+    draw.rectangle([left, top, right, bottom], outline=(120, 120, 120))
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        draw.text((left + 10, top + 10), "no loss values", fill=(0, 0, 0))
+        return np.asarray(img)
+    lo, hi = min(finite), max(finite)
+    if hi - lo < 1e-12:  # constant series: give it a band so nothing divides by zero
+        pad = max(abs(hi) * 0.05, 1e-6)
+        lo, hi = lo - pad, hi + pad
+    n = len(values)
+
+    def point(i: int, v: float) -> tuple[float, float]:
+        x = left + (right - left) * (i / (n - 1) if n > 1 else 0.5)
+        y = bottom - (bottom - top) * (min(max(v, lo), hi) - lo) / (hi - lo)
+        return x, y
+
+    for series, colour, width in ((values, (150, 180, 230), 1), (smoothed(values), (20, 60, 160), 2)):
+        pts = [point(i, v) for i, v in enumerate(series) if math.isfinite(v)]
+        if len(pts) == 1:
+            x, y = pts[0]
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        else:
+            draw.line(pts, fill=colour, width=width)
+    draw.text((4, top), f"{hi:.4g}", fill=(0, 0, 0))
+    draw.text((4, bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
+    draw.text((left, bottom + 8), "step 1", fill=(0, 0, 0))
+    draw.text((right - 60, bottom + 8), f"step {n}", fill=(0, 0, 0))
+    draw.text(((left + right) // 2 - 40, bottom + 24), "loss per step", fill=(0, 0, 0))
+    return np.asarray(img)

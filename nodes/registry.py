@@ -1,0 +1,15 @@
+"""Node ids (stable forever: saved workflows refer to them) and display names."""
+from .companions import ApplyLoRA, LossGraph, SaveLoRA
+from .dataset import LoadTrainingDataset, SaveTrainingDataset
+from .train_lora import TrainLoRA
+
+NODES = {
+    "LoraTrainer_TrainLoRA": (TrainLoRA, "Train LoRA (LoRA Trainer)"),
+    "LoraTrainer_SaveLoRA": (SaveLoRA, "Save LoRA (LoRA Trainer)"),
+    "LoraTrainer_ApplyLoRA": (ApplyLoRA, "Apply LoRA (LoRA Trainer)"),
+    "LoraTrainer_LossGraph": (LossGraph, "Loss Graph (LoRA Trainer)"),
+    "LoraTrainer_SaveTrainingDataset": (SaveTrainingDataset, "Save Training Data Set (LoRA Trainer)"),
+    "LoraTrainer_LoadTrainingDataset": (LoadTrainingDataset, "Load Training Data Set (LoRA Trainer)"),
+}
+NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

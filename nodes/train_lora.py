@@ -1,0 +1,178 @@
+"""The Train LoRA node: the documented 16 inputs and 4 outputs (see CONTRACT.md), trained by lora/ and training/."""
+from __future__ import annotations
+
+import datetime
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from ..lora.adapter_set import AdapterSet, LoraFileError
+from ..lora.algorithms import ALGORITHMS
+from ..lora.file_format import MODEL_PREFIX, LoraWeights, build_metadata, save_new
+from ..lora.injection import attached
+from ..training import loop
+from ..training.checkpointing import checkpointed
+from ..training.data import DataError, group_by_shape
+from ..training.objectives import LOSSES
+from ..training.optimizers import OPTIMIZERS
+from . import comfy_bridge, events, inputs, lora_files
+
+log = logging.getLogger("lora_trainer")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+class TrainLoRA:
+    DESCRIPTION = ("Trains a LoRA (or LoHa, LoKr, OFT) on a diffusion model from latents and their captions, with "
+                   "the model's own objective, and returns the model with the LoRA applied, the LoRA, the loss "
+                   "history and the total step count.")
+    CATEGORY = "LoRA Trainer"
+    FUNCTION = "train"
+    INPUT_IS_LIST = True
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT")
+    RETURN_NAMES = ("model_with_lora", "lora", "loss", "steps")
+    OUTPUT_TOOLTIPS = (
+        "The input model with the trained LoRA applied (the input model itself is never changed).",
+        "The trained weights: a state dict ComfyUI's own LoRA nodes accept; connect it to Save LoRA.",
+        "The loss of every optimizer step ({'loss': [...]}); connect it to a loss graph.",
+        "Total training steps, including those of a continued existing LoRA.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model to train the LoRA on."}),
+                "latents": ("LATENT", {"tooltip": "The training images as latents: one batch, or a list of batches "
+                                                  "(different resolutions are trained in same-size groups)."}),
+                "positive": ("CONDITIONING", {"tooltip": "The captions: one per image, or one for all images."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 10000,
+                                       "tooltip": "Images per micro-batch (each with its own caption)."}),
+                "grad_accumulation_steps": ("INT", {"default": 1, "min": 1, "max": 1024,
+                                                    "tooltip": "Micro-batches per optimizer step."}),
+                "steps": ("INT", {"default": 16, "min": 1, "max": 100000, "tooltip": "Optimizer steps to train."}),
+                "learning_rate": ("FLOAT", {"default": 0.0005, "min": 0.0000001, "max": 1.0, "step": 0.0000001,
+                                            "round": 0.0000001, "tooltip": "Learning rate of the optimizer."}),
+                "rank": ("INT", {"default": 8, "min": 1, "max": 128,
+                                 "tooltip": "Rank of the adapter layers (block size for OFT)."}),
+                "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "The optimizer."}),
+                "loss_function": (list(LOSSES), {"default": "MSE",
+                                                 "tooltip": "Loss, taken on the model's native prediction."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX,
+                                 "tooltip": "Seeds adapter initialisation, data order, timesteps and noise."}),
+                "training_dtype": (list(DTYPES), {"default": "bf16",
+                                                  "tooltip": "Compute dtype while training (autocast)."}),
+                "lora_dtype": (list(DTYPES), {"default": "bf16",
+                                              "tooltip": "Dtype of the returned and saved LoRA weights "
+                                                         "(training keeps fp32 master weights)."}),
+                "algorithm": (list(ALGORITHMS), {"default": "LoRA", "tooltip": "The adapter algorithm."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": True,
+                                                       "tooltip": "Recompute block activations in the backward pass: "
+                                                                  "less memory, more compute."}),
+                "existing_lora": (lora_files.lora_choices(), {"default": lora_files.NONE,
+                                                               "tooltip": "A LoRA from the loras folder to continue "
+                                                                          "training; [None] starts a new one."}),
+            },
+            "optional": {
+                "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.01,
+                                    "tooltip": "Adapter alpha (scale alpha/rank). 0 = default: alpha = rank for "
+                                               "LoRA/LoHa/LoKr, no norm constraint for OFT."}),
+                "module_filter": ("STRING", {"default": "", "tooltip": "Comma-separated name fragments: only "
+                                                                       "layers whose name contains one are adapted "
+                                                                       "(empty = every linear and conv layer)."}),
+                "train_biases_and_norms": ("BOOLEAN", {"default": False,
+                                                       "tooltip": "Also train bias and norm-weight offsets."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(self, model, latents, positive, **kw):
+        opts = {k: inputs.one(v, k) for k, v in kw.items()}
+        model = inputs.one(model, "model")
+        node_id = opts.pop("unique_id", None)
+        try:
+            return self._train(model, latents, positive, node_id, **opts)
+        except (DataError, LoraFileError) as e:
+            raise ValueError(str(e)) from None
+
+    def _train(self, model, latents, positive, node_id, *, batch_size, grad_accumulation_steps, steps, learning_rate,
+               rank, optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
+               existing_lora, alpha=0.0, module_filter="", train_biases_and_norms=False):
+        samples = inputs.latent_samples(latents)
+        captions = inputs.captions_for(positive, len(samples))
+        existing = None
+        if existing_lora and existing_lora != lora_files.NONE:
+            existing = lora_files.read_lora(existing_lora)
+        settings = loop.Settings(steps=steps, batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps,
+                                 learning_rate=learning_rate, optimizer=optimizer, loss_function=loss_function,
+                                 compute_dtype=DTYPES[training_dtype])
+        device = comfy.model_management.get_torch_device()
+        generator = torch.Generator().manual_seed(seed)
+        pbar = comfy.utils.ProgressBar(steps * grad_accumulation_steps)
+        interrupted = False
+
+        def micro_step() -> None:
+            nonlocal interrupted
+            try:
+                pbar.update(1)  # also where ComfyUI notices a cancel
+            except comfy.model_management.InterruptProcessingException:
+                interrupted = True
+
+        def on_step(report: loop.StepReport) -> None:
+            events.send("progress", {"node": node_id, **vars(report)})
+
+        with torch.inference_mode(False), comfy_bridge.trainable_model(model) as clone:
+            root = clone.model.diffusion_model
+            x0 = [comfy_bridge.latents_in_model_space(clone, s.unsqueeze(0).to(device))[0] for s in samples]
+            groups = group_by_shape(x0)
+            if existing is not None:
+                adapters = AdapterSet.from_modules(root, comfy_bridge.modules_of_file(clone, existing[0]))
+                previous = lora_files.previous_steps(existing_lora, existing[1])
+                if adapters.algorithm.name != algorithm:
+                    log.warning("existing_lora '%s' is %s; continuing it as %s (the algorithm input is ignored)",
+                                existing_lora, adapters.algorithm.name, adapters.algorithm.name)
+            else:
+                adapters = AdapterSet.create(root, algorithm, rank, alpha, generator, module_filter,
+                                             train_biases_and_norms)
+                previous = 0
+            adapters.to(device)
+            conditioning = comfy_bridge.SampleConditioning(clone, captions, x0, device)
+            schedule = comfy_bridge.ComfySchedule(clone.model.model_sampling, device)
+            callbacks = loop.Callbacks(
+                cancelled=lambda: interrupted or comfy.model_management.processing_interrupted(),
+                micro_step=micro_step, step=on_step)
+            with attached(root, adapters), checkpointed(root, gradient_checkpointing):
+                result = loop.train(adapters.trainable(), groups, comfy_bridge.denoiser(clone, conditioning),
+                                    schedule, settings, generator, callbacks)
+
+        total = previous + result.steps_done
+        first = next(iter(adapters.adapters.values()), None)
+        metadata = build_metadata(
+            steps=total, algorithm=adapters.algorithm.name, rank=getattr(first, "rank", rank),
+            alpha=float(first.alpha) if first is not None else alpha, base_model=comfy_bridge.base_model_name(model),
+            settings={"batch_size": batch_size, "grad_accumulation_steps": grad_accumulation_steps,
+                      "steps": steps, "learning_rate": learning_rate, "optimizer": optimizer,
+                      "loss_function": loss_function, "seed": seed, "training_dtype": training_dtype,
+                      "lora_dtype": lora_dtype, "gradient_checkpointing": gradient_checkpointing,
+                      "existing_lora": existing_lora, "module_filter": module_filter,
+                      "train_biases_and_norms": train_biases_and_norms, "images": len(samples)},
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        lora = LoraWeights(adapters.file_state(MODEL_PREFIX, DTYPES[lora_dtype]), metadata)
+        loss_map = {"loss": result.losses}
+        if result.cancelled:
+            self._keep_cancelled(lora, total, node_id)
+        return {"ui": {"lora_trainer_loss": result.losses},
+                "result": (comfy_bridge.with_lora(model, lora), lora, loss_map, total)}
+
+    @staticmethod
+    def _keep_cancelled(lora: LoraWeights, total: int, node_id) -> None:
+        """A cancel keeps what was trained: the LoRA of the last finished step goes to loras/cancelled/, then the
+        prompt stops the way ComfyUI stops on cancel."""
+        path = save_new(lora_files.main_lora_dir() / "cancelled", f"cancelled_step{total}", dict(lora), lora.metadata)
+        log.warning("training cancelled after step %d; the LoRA so far is saved as %s", total, path)
+        events.send("cancelled", {"node": node_id, "step": total, "file": path.name})
+        comfy.model_management.interrupt_current_processing(False)
+        raise comfy.model_management.InterruptProcessingException()

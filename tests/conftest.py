@@ -1,0 +1,46 @@
+"""Shared fixtures: the real ComfyUI server with this pack (and the test-only node pack) installed."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+sys.path.insert(0, str(REPO / "tools"))
+
+import harness  # noqa: E402
+
+TEST_NODE_PACK = TESTS / "node_packs" / "lora_trainer_test_nodes"
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory) -> harness.ComfyServer:
+    """One real ComfyUI (``main.py --cpu``) for the session, base directory in a tmp folder, stopped at the end."""
+    base = tmp_path_factory.mktemp("comfy_base")
+    harness.put_comfyui_on_path()
+    import tiny_models
+
+    tiny_models.write_tiny_sd3(base / "models" / "diffusion_models" / "tiny_sd3.safetensors")
+    server = harness.ComfyServer(base, extra_node_packs=(TEST_NODE_PACK,))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server(comfy_server: harness.ComfyServer, request) -> harness.ComfyServer:
+    """The session's server, remembering where its log stood so a failing test gets the log of its own run."""
+    request.node._comfy_log = (comfy_server, len(comfy_server.log_text()))
+    return comfy_server
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    marker = getattr(item, "_comfy_log", None)
+    if marker and report.failed:
+        srv, start = marker
+        report.sections.append(("ComfyUI server log (this test)", srv.log_text()[start:][-20000:]))

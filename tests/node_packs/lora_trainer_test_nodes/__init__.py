@@ -1,0 +1,92 @@
+"""Test-only ComfyUI nodes: data sources the core nodes lack (a tiny SD1.5 UNet, seeded latents and captions).
+
+Loaded into the test server next to the pack; never shipped (`.comfyignore` keeps tests/ out of archives).
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+import tiny_models  # noqa: E402
+
+
+class TinySD15Model:
+    """An SD1.5-architecture UNet at toy size (conv + attention, ε-prediction), seeded."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed):
+        return (tiny_models.tiny_sd15_patcher(seed),)
+
+
+class TinyTrainingData:
+    """Seeded latents with spatial structure plus one caption embedding per image (or one shared)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "family": (["sd3", "sd15"],),
+            "count": ("INT", {"default": 4, "min": 1, "max": 64}),
+            "height": ("INT", {"default": 8, "min": 2, "max": 128}),
+            "width": ("INT", {"default": 8, "min": 2, "max": 128}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+            "captions": (["one per image", "one shared", "none"],),
+            "corrupt": (["no", "nan", "inf"],),
+        }}
+
+    RETURN_TYPES = ("LATENT", "CONDITIONING")
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, family, count, height, width, seed, captions, corrupt):
+        channels = tiny_models.SD3_LATENT_CHANNELS if family == "sd3" else tiny_models.SD15_LATENT_CHANNELS
+        dim = tiny_models.SD3_CONTEXT_DIM if family == "sd3" else tiny_models.SD15_CONTEXT_DIM
+        latents = tiny_models.smooth_latents(count, channels, height, width, seed)
+        if corrupt != "no":
+            latents[0, 0, 0, 0] = float(corrupt)
+        n_caps = {"one per image": count, "one shared": 1, "none": 0}[captions]
+        embeds = tiny_models.caption_embeddings(n_caps, 6, dim, seed + 1)
+        conditioning = []
+        for i in range(n_caps):
+            extra = {}
+            if family == "sd3":
+                extra["pooled_output"] = embeds[i].mean(0, keepdim=True)
+            conditioning.append([embeds[i : i + 1].clone(), extra])
+        return ({"samples": latents}, conditioning)
+
+
+class LatentList:
+    """Splits a LATENT batch into a list of single-image LATENTs (ComfyUI's list mode), optionally resized."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"latents": ("LATENT",), "second_half_scale": ("INT", {"default": 1, "min": 1, "max": 4})}}
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_IS_LIST = (True,)
+    FUNCTION = "split"
+    CATEGORY = "testing"
+
+    def split(self, latents, second_half_scale):
+        samples = latents["samples"]
+        out = []
+        for i in range(samples.shape[0]):
+            s = samples[i : i + 1]
+            if i >= samples.shape[0] // 2 and second_half_scale > 1:
+                s = torch.nn.functional.interpolate(s, scale_factor=second_half_scale, mode="nearest")
+            out.append({"samples": s})
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "LoraTrainerTest_TinySD15Model": TinySD15Model,
+    "LoraTrainerTest_TinyTrainingData": TinyTrainingData,
+    "LoraTrainerTest_LatentList": LatentList,
+}

@@ -1,0 +1,211 @@
+"""Starts a real ComfyUI with this pack installed and talks to it over its HTTP API.
+
+Used by the tests (through ``tests/conftest.py``) and by the demo (``tools/demo.py``), so both drive ComfyUI the
+same way a user's browser or script does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+PACK_NAME = "lora_trainer"
+CACHED_COMFYUI = REPO / ".cache" / "comfyui-0.3.75"
+
+
+def comfyui_dir() -> Path:
+    """The ComfyUI tree to run: ``$COMFYUI_DIR`` when set, else the pinned 0.3.75 tree ``tools/bootstrap.sh`` unpacked."""
+    path = Path(os.environ.get("COMFYUI_DIR") or CACHED_COMFYUI)
+    if not (path / "main.py").is_file():
+        raise FileNotFoundError(f"no ComfyUI at {path} (run tools/bootstrap.sh, or set COMFYUI_DIR)")
+    return path
+
+
+def put_comfyui_on_path() -> Path:
+    """Makes ``import comfy`` work in this process (for code that builds fixtures with ComfyUI's own classes)."""
+    path = comfyui_dir()
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+        import torch
+        import comfy.cli_args
+
+        # ComfyUI parses no command line when imported as a library; pick the CPU where there is no GPU.
+        comfy.cli_args.args.cpu = not torch.cuda.is_available()
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PromptError(RuntimeError):
+    """ComfyUI refused a prompt (validation) or the prompt failed while running."""
+
+    def __init__(self, message: str, payload: dict[str, Any]):
+        super().__init__(message)
+        self.payload = payload
+
+
+class ComfyServer:
+    """One ComfyUI process on 127.0.0.1 with its own base directory (models, input, output, custom_nodes)."""
+
+    def __init__(self, base_dir: Path, extra_node_packs: tuple[Path, ...] = (), extra_args: tuple[str, ...] = ()):
+        self.base_dir = Path(base_dir)
+        self.extra_node_packs = extra_node_packs
+        self.extra_args = extra_args
+        self.port = 0
+        self.client_id = uuid.uuid4().hex
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.base_dir / "comfyui.log"
+
+    # -- life cycle -------------------------------------------------------------------------------------------
+    def start(self, timeout: float = 180.0) -> "ComfyServer":
+        nodes_dir = self.base_dir / "custom_nodes"
+        nodes_dir.mkdir(parents=True, exist_ok=True)
+        for pack in (REPO, *self.extra_node_packs):
+            link = nodes_dir / (PACK_NAME if pack == REPO else pack.name)
+            if not link.exists():
+                link.symlink_to(pack, target_is_directory=True)
+        for sub in ("models/diffusion_models", "models/loras", "input", "output"):
+            (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        cmd = [
+            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            "--base-directory", str(self.base_dir), "--disable-auto-launch", *self.extra_args,
+        ]
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                self.get("/object_info/KSampler")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"ComfyUI did not answer within {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+    def __enter__(self) -> "ComfyServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # -- HTTP -------------------------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _request(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str) -> Any:
+        return self._request("GET", path)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self._request("POST", path, body if body is not None else {})
+
+    def object_info(self, node_id: str | None = None) -> dict:
+        return self.get("/object_info" + (f"/{node_id}" if node_id else ""))
+
+    def free(self) -> None:
+        """Clears ComfyUI's execution cache and unloads models, so the same prompt really runs again."""
+        self.post("/free", {"unload_models": True, "free_memory": True})
+
+    def interrupt(self) -> None:
+        self.post("/interrupt")
+
+    # -- prompts ----------------------------------------------------------------------------------------------
+    def queue(self, workflow: dict) -> str:
+        """Posts an API-format workflow; returns its prompt id or raises PromptError with ComfyUI's validation reply."""
+        try:
+            reply = self.post("/prompt", {"prompt": workflow, "client_id": self.client_id})
+        except urllib.error.HTTPError as e:
+            payload = json.loads(e.read() or b"{}")
+            raise PromptError(f"ComfyUI rejected the prompt: {json.dumps(payload)[:2000]}", payload) from None
+        return reply["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        """Waits for a prompt to finish; returns its /history entry or raises PromptError with the execution error."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                status = entry["status"]
+                if status.get("status_str") == "error" or not status.get("completed"):
+                    messages = [m for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
+                    raise PromptError(f"prompt {prompt_id} failed: {json.dumps(messages)[:3000]}", entry)
+                return entry
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI died:\n{self.log_text()[-4000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s")
+
+    def run(self, workflow: dict, timeout: float = 600.0) -> dict:
+        return self.wait(self.queue(workflow), timeout)
+
+    def outputs(self, entry: dict, node: str) -> dict:
+        """The UI output a node of a finished prompt reported (images, text, …)."""
+        return entry.get("outputs", {}).get(node, {})
+
+    def listen(self, on_message: Callable[[dict], None]) -> Callable[[], None]:
+        """Streams this client's websocket messages (progress, custom events) to ``on_message``; returns a stopper."""
+        import websocket  # websocket-client
+
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=1)
+        stop = threading.Event()
+
+        def pump() -> None:
+            while not stop.is_set():
+                try:
+                    raw = ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    continue
+                except Exception:
+                    return
+                if isinstance(raw, str):
+                    on_message(json.loads(raw))
+
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+
+        def close() -> None:
+            stop.set()
+            thread.join(3)
+            ws.close()
+
+        return close
