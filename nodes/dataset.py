@@ -4,8 +4,6 @@ Only tensors and JSON go in: loading never unpickles anything.
 """
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import torch
@@ -13,11 +11,10 @@ import torch
 import folder_paths
 
 from ..lora.file_format import save_new
+from ..training.dataset_file import pack, unpack
 from . import inputs
 from .companions import confined
 
-log = logging.getLogger("lora_trainer")
-FORMAT = "lora_trainer.dataset/1"
 
 
 def dataset_dir() -> Path:
@@ -27,42 +24,6 @@ def dataset_dir() -> Path:
 def dataset_choices() -> list[str]:
     root = dataset_dir()
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")) if root.is_dir() else []
-
-
-def pack(samples: list[torch.Tensor], captions: list[list]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors: dict[str, torch.Tensor] = {}
-    manifest = {"format": FORMAT, "count": len(samples), "captions": []}
-    for i, (latent, (cross_attn, extra)) in enumerate(zip(samples, captions)):
-        tensors[f"latent.{i}"] = latent.contiguous()
-        tensors[f"cond.{i}.cross_attn"] = cross_attn.contiguous()
-        values, tensor_keys = {}, []
-        for key, value in extra.items():
-            if torch.is_tensor(value):
-                tensors[f"cond.{i}.{key}"] = value.contiguous()
-                tensor_keys.append(key)
-            else:
-                try:
-                    json.dumps(value)
-                    values[key] = value
-                except TypeError:
-                    log.warning("training data set: caption %d key '%s' (%s) is not saved", i, key, type(value).__name__)
-        manifest["captions"].append({"tensors": tensor_keys, "values": values})
-    return tensors, {"manifest": json.dumps(manifest)}
-
-
-def unpack(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str):
-    try:
-        manifest = json.loads(metadata["manifest"])
-        assert manifest["format"] == FORMAT
-        samples, captions = [], []
-        for i, cap in enumerate(manifest["captions"]):
-            samples.append(tensors[f"latent.{i}"])
-            extra = dict(cap["values"])
-            extra.update({k: tensors[f"cond.{i}.{k}"] for k in cap["tensors"]})
-            captions.append([tensors[f"cond.{i}.cross_attn"], extra])
-    except (KeyError, AssertionError, json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"dataset: '{name}' is not a training data set file of this pack ({e!r})") from None
-    return samples, captions
 
 
 class SaveTrainingDataset:

@@ -87,7 +87,6 @@ def tiny_sd15_unet_config() -> dict:
         "context_dim": SD15_CONTEXT_DIM,
         "num_heads": 4,
         "num_head_channels": -1,
-        "attention_resolutions": [1, 2],
         "use_temporal_attention": False,
         "use_temporal_resblock": False,
     }
