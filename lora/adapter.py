@@ -64,7 +64,7 @@ class Adapter(nn.Module):
 def require(tensors: dict[str, torch.Tensor], suffix: str, spec: LayerSpec) -> torch.Tensor:
     if suffix not in tensors:
         raise AdapterFitError(f"missing tensor '{suffix}'")
-    return tensors[suffix].detach().float()
+    return tensors[suffix].detach().float().clone()  # a clone: file tensors may be inference tensors
 
 
 def stored_alpha(tensors: dict[str, torch.Tensor], fallback: float) -> float:

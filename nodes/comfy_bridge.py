@@ -68,6 +68,23 @@ class SampleConditioning:
     def batch(self, ids: list[int]) -> dict:
         return comfy.samplers.cond_cat([self.per_sample[i] for i in ids])
 
+    def check(self, patcher, x0: list[torch.Tensor]) -> None:
+        """One no-grad forward per distinct (latent shape, conditioning layout), so conditioning that lacks what the
+        model needs (e.g. SD3 without a pooled output) is a clear input error, not a crash inside training."""
+        seen = set()
+        sigma = patcher.model.model_sampling.sigmas[len(patcher.model.model_sampling.sigmas) // 2].reshape(1)
+        for i, conds in enumerate(self.per_sample):
+            layout = (tuple(x0[i].shape), tuple(sorted((k, tuple(getattr(v.cond, "shape", ()))[1:])
+                                                       for k, v in conds.items())))
+            if layout in seen:
+                continue
+            seen.add(layout)
+            try:
+                with torch.no_grad():
+                    patcher.model.apply_model(x0[i].unsqueeze(0), sigma.to(x0[i].device), **self.batch([i]))
+            except Exception as e:
+                raise ValueError(f"positive: conditioning {i} does not fit this model ({type(e).__name__}: {e})") from e
+
 
 def denoiser(patcher, conditioning: SampleConditioning):
     transformer_options = dict(patcher.model_options.get("transformer_options", {}))

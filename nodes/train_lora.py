@@ -140,6 +140,7 @@ class TrainLoRA:
                 previous = 0
             adapters.to(device)
             conditioning = comfy_bridge.SampleConditioning(clone, captions, x0, device)
+            conditioning.check(clone, x0)
             schedule = comfy_bridge.ComfySchedule(clone.model.model_sampling, device)
             callbacks = loop.Callbacks(
                 cancelled=lambda: interrupted or comfy.model_management.processing_interrupted(),

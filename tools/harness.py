@@ -157,6 +157,8 @@ class ComfyServer:
         except urllib.error.HTTPError as e:
             payload = json.loads(e.read() or b"{}")
             raise PromptError(f"ComfyUI rejected the prompt: {json.dumps(payload)[:2000]}", payload) from None
+        if reply.get("node_errors"):  # ComfyUI runs the valid outputs and silently drops the others: we don't
+            raise PromptError(f"ComfyUI rejected part of the prompt: {json.dumps(reply['node_errors'])[:2000]}", reply)
         return reply["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:

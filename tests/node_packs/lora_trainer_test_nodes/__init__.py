@@ -38,7 +38,7 @@ class TinyTrainingData:
             "width": ("INT", {"default": 8, "min": 2, "max": 128}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
             "captions": (["one per image", "one shared", "none"],),
-            "corrupt": (["no", "nan", "inf"],),
+            "corrupt": (["no", "nan", "inf", "empty", "no pooled output"],),
         }}
 
     RETURN_TYPES = ("LATENT", "CONDITIONING")
@@ -49,16 +49,18 @@ class TinyTrainingData:
         channels = tiny_models.SD3_LATENT_CHANNELS if family == "sd3" else tiny_models.SD15_LATENT_CHANNELS
         dim = tiny_models.SD3_CONTEXT_DIM if family == "sd3" else tiny_models.SD15_CONTEXT_DIM
         latents = tiny_models.smooth_latents(count, channels, height, width, seed)
-        if corrupt != "no":
+        if corrupt in ("nan", "inf"):
             latents[0, 0, 0, 0] = float(corrupt)
         n_caps = {"one per image": count, "one shared": 1, "none": 0}[captions]
         embeds = tiny_models.caption_embeddings(n_caps, 6, dim, seed + 1)
         conditioning = []
         for i in range(n_caps):
             extra = {}
-            if family == "sd3":
+            if family == "sd3" and corrupt != "no pooled output":
                 extra["pooled_output"] = embeds[i].mean(0, keepdim=True)
             conditioning.append([embeds[i : i + 1].clone(), extra])
+        if corrupt == "empty":
+            latents = latents[:0]
         return ({"samples": latents}, conditioning)
 
 
@@ -85,7 +87,82 @@ class LatentList:
         return (out,)
 
 
+def _bridge():
+    """The pack's ComfyUI glue, as ComfyUI loaded it (its module name depends on the ComfyUI version)."""
+    return next(m for name, m in sys.modules.items() if name.endswith("lora_trainer.nodes.comfy_bridge"))
+
+
+def _outputs(model, latents, positive, seed, points=8):
+    """The model's denoised output and native error at fixed sigmas and noise on every training latent."""
+    import comfy.model_management
+
+    bridge = _bridge()
+    device = comfy.model_management.get_torch_device()
+    comfy.model_management.load_models_gpu([model])
+    samples = [s for s in latents["samples"]]
+    captions = [positive[i if len(positive) > 1 else 0] for i in range(len(samples))]
+    x0 = [model.model.process_latent_in(s.unsqueeze(0).to(device))[0] for s in samples]
+    conds = bridge.SampleConditioning(model, captions, x0, device)
+    schedule = bridge.ComfySchedule(model.model.model_sampling, device)
+    table = schedule.sigmas
+    gen = torch.Generator().manual_seed(seed)
+    outs, errors = [], []
+    with torch.no_grad():
+        for k in range(points):
+            sigma = table[int((k + 0.5) * len(table) / points)].reshape(1).to(device)
+            for i, x in enumerate(x0):
+                noise = torch.randn(x.shape, generator=gen).unsqueeze(0).to(device)
+                x_t = schedule.noisy(sigma, noise, x.unsqueeze(0))
+                den = model.model.apply_model(x_t, sigma, **conds.batch([i]))
+                outs.append(den.float().cpu())
+                errors.append(((den.float() - x.unsqueeze(0).float()) / schedule.output_scale(sigma, x_t)).cpu())
+    return torch.cat(outs), torch.cat(errors)
+
+
+class EvalLoss:
+    """Native-objective MSE of a model on the training latents at fixed sigmas and noise."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "latents": ("LATENT",), "positive": ("CONDITIONING",),
+                             "seed": ("INT", {"default": 123, "min": 0, "max": 2**31})}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, model, latents, positive, seed):
+        _, errors = _outputs(model, latents, positive, seed)
+        return {"ui": {"eval_loss": [float(errors.pow(2).mean())]}}
+
+
+class CompareModels:
+    """Relative difference and digests of two models' outputs on the same fixed inputs."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model_a": ("MODEL",), "model_b": ("MODEL",), "latents": ("LATENT",),
+                             "positive": ("CONDITIONING",)}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, model_a, model_b, latents, positive):
+        import hashlib
+
+        a, _ = _outputs(model_a, latents, positive, 5, points=3)
+        b, _ = _outputs(model_b, latents, positive, 5, points=3)
+        rel = float((a - b).norm() / a.norm().clamp_min(1e-12))
+        digest = lambda t: hashlib.sha256(t.numpy().tobytes()).hexdigest()
+        return {"ui": {"rel_diff": [rel], "digest_a": [digest(a)], "digest_b": [digest(b)]}}
+
+
 NODE_CLASS_MAPPINGS = {
+    "LoraTrainerTest_EvalLoss": EvalLoss,
+    "LoraTrainerTest_CompareModels": CompareModels,
     "LoraTrainerTest_TinySD15Model": TinySD15Model,
     "LoraTrainerTest_TinyTrainingData": TinyTrainingData,
     "LoraTrainerTest_LatentList": LatentList,
