@@ -112,14 +112,6 @@ class TrainLoRA:
         device = comfy.model_management.get_torch_device()
         generator = torch.Generator().manual_seed(seed)
         pbar = comfy.utils.ProgressBar(steps * grad_accumulation_steps)
-        interrupted = False
-
-        def micro_step() -> None:
-            nonlocal interrupted
-            try:
-                pbar.update(1)  # also where ComfyUI notices a cancel
-            except comfy.model_management.InterruptProcessingException:
-                interrupted = True
 
         def on_step(report: loop.StepReport) -> None:
             events.send("progress", {"node": node_id, **vars(report)})
@@ -142,9 +134,11 @@ class TrainLoRA:
             conditioning = comfy_bridge.SampleConditioning(clone, captions, x0, device)
             conditioning.check(clone, x0)
             schedule = comfy_bridge.ComfySchedule(clone.model.model_sampling, device)
+            # ComfyUI raises InterruptProcessingException on cancel from its ops and its progress bar: the loop
+            # treats it as a cancel, so the finished steps are kept.
             callbacks = loop.Callbacks(
-                cancelled=lambda: interrupted or comfy.model_management.processing_interrupted(),
-                micro_step=micro_step, step=on_step)
+                cancelled=comfy.model_management.processing_interrupted, micro_step=lambda: pbar.update(1),
+                step=on_step, cancel_exceptions=(comfy.model_management.InterruptProcessingException,))
             with attached(root, adapters), checkpointed(root, gradient_checkpointing):
                 result = loop.train(adapters.trainable(), groups, comfy_bridge.denoiser(clone, conditioning),
                                     schedule, settings, generator, callbacks)

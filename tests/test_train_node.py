@@ -57,7 +57,8 @@ def test_training_lowers_native_loss_and_file_reproduces_model(server, family, a
     wf2["loaded"] = {"class_type": "LoraLoaderModelOnly",
                      "inputs": {"model": ["model", 0], "lora_name": lora_name, "strength_model": 1.0}}
     wf2["cmp"] = {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
-        "model_a": ["train", 0], "model_b": ["loaded", 0], "latents": ["data", 0], "positive": ["data", 1]}}
+        "model_a": ["train", 0], "model_b": ["loaded", 0], "latents": ["data", 0], "positive": ["data", 1],
+        "nonce": 0}}
     entry2 = server.run(wf2)
     assert entry2["outputs"]["cmp"]["rel_diff"][0] < 1e-3
     assert "lora key not loaded" not in server.log_text()[log_start:]

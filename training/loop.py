@@ -42,6 +42,8 @@ class Callbacks:
     cancelled: Callable[[], bool] = lambda: False
     micro_step: Callable[[], None] = lambda: None
     step: Callable[[StepReport], None] = lambda report: None
+    # Exceptions that mean "the user cancelled" when raised inside a micro-step (forward, backward or callback).
+    cancel_exceptions: tuple[type[BaseException], ...] = ()
 
 
 @dataclass
@@ -52,6 +54,10 @@ class Result:
     @property
     def steps_done(self) -> int:
         return len(self.losses)
+
+
+class _Cancel(Exception):
+    pass
 
 
 def draw_sigmas(schedule: objectives.Schedule, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -91,20 +97,24 @@ def train(params: Iterable[torch.nn.Parameter], groups: list[Group], denoise: De
     for step in range(settings.steps):
         total = 0.0
         for _ in range(settings.grad_accumulation_steps):
-            if callbacks.cancelled():
+            try:
+                if callbacks.cancelled():
+                    raise _Cancel()
+                group, rows = next(batches)
+                x0 = group.latents[rows]
+                noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+                sigma = draw_sigmas(schedule, len(rows), generator)
+                ids = [group.sample_ids[r] for r in rows]
+                loss = sample_loss(denoise, schedule, x0, ids, noise, sigma, settings.loss_function,
+                                   settings.compute_dtype).mean()
+                (loss / settings.grad_accumulation_steps).backward()
+                total += float(loss.detach())
+                callbacks.micro_step()
+            except (_Cancel, *callbacks.cancel_exceptions):
+                # Keep what the finished optimizer steps trained; drop the half-accumulated gradients.
                 opt.zero_grad(set_to_none=True)
                 result.cancelled = True
                 return result
-            group, rows = next(batches)
-            x0 = group.latents[rows]
-            noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
-            sigma = draw_sigmas(schedule, len(rows), generator)
-            ids = [group.sample_ids[r] for r in rows]
-            loss = sample_loss(denoise, schedule, x0, ids, noise, sigma, settings.loss_function,
-                               settings.compute_dtype).mean()
-            (loss / settings.grad_accumulation_steps).backward()
-            total += float(loss.detach())
-            callbacks.micro_step()
         opt.step()
         opt.zero_grad(set_to_none=True)
         mean = total / settings.grad_accumulation_steps

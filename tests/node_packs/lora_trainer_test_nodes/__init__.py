@@ -143,14 +143,14 @@ class CompareModels:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model_a": ("MODEL",), "model_b": ("MODEL",), "latents": ("LATENT",),
-                             "positive": ("CONDITIONING",)}}
+                             "positive": ("CONDITIONING",), "nonce": ("INT", {"default": 0, "min": 0})}}
 
     RETURN_TYPES = ()
     OUTPUT_NODE = True
     FUNCTION = "run"
     CATEGORY = "testing"
 
-    def run(self, model_a, model_b, latents, positive):
+    def run(self, model_a, model_b, latents, positive, nonce):
         import hashlib
 
         a, _ = _outputs(model_a, latents, positive, 5, points=3)

@@ -1,0 +1,115 @@
+"""Progress, cancel, the untouched input model, checkpointing and dtype behaviour, through the real server."""
+import threading
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+import harness
+import workflows as wfs
+
+FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
+
+
+def saved(server, entry):
+    return load_file(str(server.base_dir / "models" / "loras" / entry["outputs"]["save"]["text"][0]))
+
+
+def model_digest(server, nonce: int) -> str:
+    wf = {**wfs.sd3_model(), **wfs.test_data("sd3"), "cmp": {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
+        "model_a": ["model", 0], "model_b": ["model", 0], "latents": ["data", 0], "positive": ["data", 1],
+        "nonce": nonce}}}
+    return server.run(wf)["outputs"]["cmp"]["digest_a"][0]
+
+
+def test_progress_reaches_100_percent_per_micro_step(server):
+    messages = []
+    stop = server.listen(messages.append)
+    try:
+        server.run(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), steps=2, grad_accumulation_steps=3,
+                             seed=11, **FAST))
+        time.sleep(0.5)
+    finally:
+        stop()
+    progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == "train"]
+    assert [p["value"] for p in progress] == [1, 2, 3, 4, 5, 6]
+    assert all(p["max"] == 6 for p in progress)
+    steps = [m["data"]["step"] for m in messages if m["type"] == "lora_trainer.progress"]
+    assert steps == [1, 2]
+
+
+def test_input_model_untouched_after_success_error_and_cancel(server):
+    before = model_digest(server, 1)
+    server.run(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), steps=3, seed=21, **FAST))
+    assert model_digest(server, 2) == before
+    with pytest.raises(harness.PromptError):
+        server.run(wfs.train(wfs.sd3_model(), wfs.test_data("sd3", corrupt="nan"), steps=3, seed=22, **FAST))
+    assert model_digest(server, 3) == before
+
+    # Cancel a long run through /interrupt once it is training.
+    seen = []
+    ready = threading.Event()
+
+    def on_message(msg):
+        if msg["type"] == "lora_trainer.progress":
+            seen.append(msg["data"]["step"])
+            if msg["data"]["step"] >= 3:
+                ready.set()
+        if msg["type"] == "lora_trainer.cancelled":
+            seen.append(("cancelled", msg["data"]["step"], msg["data"]["file"]))
+
+    stop = server.listen(on_message)
+    try:
+        prompt_id = server.queue(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), steps=100000, seed=23, **FAST))
+        assert ready.wait(120), "training never started"
+        server.interrupt()
+        with pytest.raises(harness.PromptError) as err:
+            server.wait(prompt_id, timeout=60)
+        time.sleep(0.5)
+    finally:
+        stop()
+    assert "execution_interrupted" in str(err.value)
+    cancelled = [s for s in seen if isinstance(s, tuple)]
+    assert cancelled, seen
+    _, step, name = cancelled[0]
+    last_seen = max(s for s in seen if isinstance(s, int))
+    assert last_seen <= step <= last_seen + 2  # stopped within a micro-step of the cancel (events are async)
+    kept = server.base_dir / "models" / "loras" / "cancelled" / name
+    assert kept.is_file() and load_file(str(kept))
+    assert model_digest(server, 4) == before
+
+
+def test_gradient_checkpointing_gives_the_same_lora(server):
+    results = []
+    for gc in (False, True):
+        entry = server.run(wfs.train(wfs.sd15_model(), wfs.test_data("sd15"), save_prefix=f"gc/{gc}", steps=3,
+                                     seed=5, **{**FAST, "gradient_checkpointing": gc}))
+        results.append(saved(server, entry))
+    a, b = results
+    assert set(a) == set(b)
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-5 * max(1.0, float(a[key].abs().max())), key
+
+
+def test_bf16_lora_is_the_rounded_fp32_master(server):
+    files = {}
+    for dtype in ("fp32", "bf16"):
+        entry = server.run(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), save_prefix=f"dtype/{dtype}", steps=4,
+                                     seed=9, **{**FAST, "lora_dtype": dtype}))
+        files[dtype] = saved(server, entry)
+    for key, full in files["fp32"].items():
+        half = files["bf16"][key]
+        if key.endswith(".alpha"):
+            assert half.dtype.is_floating_point and float(half) == float(full)
+            continue
+        assert half.dtype == __import__("torch").bfloat16
+        assert (full.to(half.dtype) == half).all(), key  # trained in fp32, only the output is rounded
+
+
+def test_mixed_resolution_list_trains(server):
+    wf = wfs.train(wfs.sd3_model(), wfs.test_data("sd3", count=4), steps=4, seed=3, batch_size=2,
+                   latents_from=["split", 0], **FAST)
+    wf["split"] = {"class_type": "LoraTrainerTest_LatentList", "inputs": {"latents": ["data", 0],
+                                                                         "second_half_scale": 2}}
+    entry = server.run(wf)
+    assert len(entry["outputs"]["train"]["lora_trainer_loss"]) == 4
