@@ -23,6 +23,7 @@ def comfy_server(tmp_path_factory) -> harness.ComfyServer:
     import tiny_models
 
     tiny_models.write_tiny_sd3(base / "models" / "diffusion_models" / "tiny_sd3.safetensors")
+    tiny_models.write_model(base / "models" / "diffusion_models" / "tiny_wan.safetensors", tiny_models.tiny_wan_state_dict)
     server = harness.ComfyServer(base, extra_node_packs=(TEST_NODE_PACK,))
     server.start()
     yield server

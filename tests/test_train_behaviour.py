@@ -115,3 +115,12 @@ def test_mixed_resolution_list_trains(server):
                                                                          "second_half_scale": 2}}
     entry = server.run(wf)
     assert len(entry["outputs"]["train"]["lora_trainer_loss"]) == 4
+
+
+def test_video_latents_train(server):
+    wf = wfs.train({"model": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors",
+                                                                      "weight_dtype": "default"}}},
+                   wfs.test_data("wan", count=2, size=8), steps=3, seed=2, batch_size=2, **FAST)
+    entry = server.run(wf)
+    losses = entry["outputs"]["train"]["lora_trainer_loss"]
+    assert len(losses) == 3 and all(l == l for l in losses)

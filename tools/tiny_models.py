@@ -57,13 +57,32 @@ def tiny_sd3_state_dict(seed: int = 0, depth: int = 2) -> dict[str, torch.Tensor
 
 
 def write_tiny_sd3(path: Path, seed: int = 0) -> Path:
-    """Saves the tiny SD3 model where "Load Diffusion Model" finds it (``models/diffusion_models``)."""
+    return write_model(path, tiny_sd3_state_dict, seed)
+
+
+WAN_LATENT_CHANNELS = 16
+WAN_TEXT_DIM = 4096  # fixed by ComfyUI's Wan 2.1 detection
+
+
+def tiny_wan_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A one-block Wan 2.1 text-to-video DiT (5-D latents, flow matching), detected by the standard loader."""
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    model = WanModel(model_type="t2v", in_dim=WAN_LATENT_CHANNELS, dim=128, ffn_dim=256, text_dim=WAN_TEXT_DIM,
+                     out_dim=WAN_LATENT_CHANNELS, num_heads=1, num_layers=1, operations=comfy.ops.disable_weight_init)
+    _randomise(model, seed)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def write_model(path: Path, state_dict_fn, seed: int = 0) -> Path:
+    """Saves a tiny model where "Load Diffusion Model" finds it (``models/diffusion_models``), once."""
     import safetensors.torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         tmp = path.with_suffix(".partial")
-        safetensors.torch.save_file(tiny_sd3_state_dict(seed), str(tmp))
+        safetensors.torch.save_file(state_dict_fn(seed), str(tmp))
         tmp.replace(path)
     return path
 

@@ -32,7 +32,7 @@ class TinyTrainingData:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "family": (["sd3", "sd15"],),
+            "family": (["sd3", "sd15", "wan"],),
             "count": ("INT", {"default": 4, "min": 1, "max": 64}),
             "height": ("INT", {"default": 8, "min": 2, "max": 128}),
             "width": ("INT", {"default": 8, "min": 2, "max": 128}),
@@ -46,9 +46,12 @@ class TinyTrainingData:
     CATEGORY = "testing"
 
     def build(self, family, count, height, width, seed, captions, corrupt):
-        channels = tiny_models.SD3_LATENT_CHANNELS if family == "sd3" else tiny_models.SD15_LATENT_CHANNELS
-        dim = tiny_models.SD3_CONTEXT_DIM if family == "sd3" else tiny_models.SD15_CONTEXT_DIM
+        channels, dim = {"sd3": (tiny_models.SD3_LATENT_CHANNELS, tiny_models.SD3_CONTEXT_DIM),
+                         "sd15": (tiny_models.SD15_LATENT_CHANNELS, tiny_models.SD15_CONTEXT_DIM),
+                         "wan": (tiny_models.WAN_LATENT_CHANNELS, tiny_models.WAN_TEXT_DIM)}[family]
         latents = tiny_models.smooth_latents(count, channels, height, width, seed)
+        if family == "wan":  # video: 3 latent frames drifting over time
+            latents = torch.stack([latents.roll(t, dims=-1) for t in range(3)], dim=2)
         if corrupt in ("nan", "inf"):
             latents[0, 0, 0, 0] = float(corrupt)
         n_caps = {"one per image": count, "one shared": 1, "none": 0}[captions]
