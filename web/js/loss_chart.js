@@ -2,8 +2,8 @@
 // fed by the server's "lora_trainer.progress" websocket event every optimizer step, and restored from the node's
 // UI output ("lora_trainer_loss") when a workflow or a history entry is reopened. Server data is only ever drawn
 // on a <canvas> or set as textContent: nothing from the server is inserted as HTML.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const NODE_TYPE = "LoraTrainer_TrainLoRA";
 const HEIGHT = 150;
@@ -21,7 +21,7 @@ class LossChart {
     this.root.className = "lora-trainer-chart";
     this.root.style.cssText = "display:flex;flex-direction:column;width:100%;height:100%;gap:2px;";
     this.canvas = document.createElement("canvas");
-    this.canvas.style.cssText = "flex:1;width:100%;min-height:90px;background:#1b1b1b;border-radius:4px;";
+    this.canvas.style.cssText = "flex:1;width:100%;min-height:90px;background:#1b1b1b;border:1px solid #444;border-radius:4px;";
     this.status = document.createElement("div");
     this.status.className = "lora-trainer-status";
     this.status.style.cssText = "font:11px monospace;color:#bbb;white-space:nowrap;overflow:hidden;";
