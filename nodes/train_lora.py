@@ -61,7 +61,7 @@ class TrainLoRA:
                 "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "The optimizer."}),
                 "loss_function": (list(LOSSES), {"default": "MSE",
                                                  "tooltip": "Loss, taken on the model's native prediction."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": "fixed",
+                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX,
                                  "tooltip": "Seeds adapter initialisation, data order, timesteps and noise."}),
                 "training_dtype": (list(DTYPES), {"default": "bf16",
                                                   "tooltip": "Compute dtype while training (autocast)."}),

@@ -15,8 +15,20 @@ reqs="$root/tools/requirements-dev.txt"
 stamp="$venv/.bootstrap-stamp"
 want="$(cat "$reqs" "$0" | sha256sum | cut -d' ' -f1)"
 
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$comfy/main.py" ]; then
+have_chromium() { command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; }
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$comfy/main.py" ] && have_chromium; then
   exit 0
+fi
+
+# The browser test drives Debian's Chromium (Playwright cannot download its own browsers here).
+if ! have_chromium; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] installing Debian's chromium for the browser test"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "[bootstrap] warning: no chromium and no root apt-get; the browser test will fail" >&2
+  fi
 fi
 
 mkdir -p "$cache"

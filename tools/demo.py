@@ -46,9 +46,7 @@ def main() -> int:
     harness.put_comfyui_on_path()
     tiny_models.write_tiny_sd3(base / "models" / "diffusion_models" / "tiny_sd3.safetensors")
     dataset = write_dataset(base)
-    wf = workflows.train(workflows.sd3_model(), workflows.dataset_file(dataset), save_prefix="demo/demo_lora",
-                         loss_graph="demo/loss_graph", steps=STEPS, batch_size=2, learning_rate=0.001,
-                         training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
+    wf = workflows.demo(dataset, STEPS)
     print(f"[demo] ComfyUI: {harness.comfyui_dir()}  base directory: {base}")
     with harness.ComfyServer(base) as server:
         print(f"[demo] server up at {server.url}; posting the demo workflow ({STEPS} steps)")

@@ -46,3 +46,30 @@ def train(model: dict, data: dict, *, save_prefix: str | None = "trained/test", 
         wf["graph"] = {"class_type": "LoraTrainer_LossGraph",
                        "inputs": {"loss": ["train", 2], "filename_prefix": loss_graph}}
     return wf
+
+
+def demo(dataset: str = "demo.safetensors", steps: int = 40) -> dict:
+    """The demo: the tiny SD3 model and the demo data set, trained, saved, plotted."""
+    return train(sd3_model(), dataset_file(dataset), save_prefix="demo/demo_lora", loss_graph="demo/loss_graph",
+                 steps=steps, batch_size=2, learning_rate=0.001, training_dtype="fp32", lora_dtype="fp32",
+                 gradient_checkpointing=False)
+
+
+def real_world() -> dict:
+    """Checkpoint loader → load image → VAE encode → CLIP text encode → train → save LoRA → loss graph."""
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+        "image": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["image", 0], "vae": ["ckpt", 2]}},
+        "caption": {"class_type": "CLIPTextEncode", "inputs": {
+            "text": "photo of sks dog sitting on grass", "clip": ["ckpt", 1]}},
+        "train": {"class_type": TRAIN, "inputs": {
+            "model": ["ckpt", 0], "latents": ["encode", 0], "positive": ["caption", 0],
+            **TRAIN_DEFAULTS, "steps": 500, "learning_rate": 0.0001, "rank": 16}},
+        "save": {"class_type": "LoraTrainer_SaveLoRA", "inputs": {
+            "lora": ["train", 1], "prefix": "trained/my_lora", "steps": ["train", 3]}},
+        "graph": {"class_type": "LoraTrainer_LossGraph", "inputs": {"loss": ["train", 2], "filename_prefix": "loss_graph"}},
+    }
+
+
+TEMPLATES = {"lora_trainer_demo_tiny_model": demo, "lora_trainer_real_world": real_world}

@@ -108,6 +108,9 @@ app.registerExtension({
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
+      // A training seed should stay put (same seed, same LoRA); a saved workflow still restores its own choice.
+      const seed = this.widgets?.find((w) => w.name === "seed");
+      for (const control of seed?.linkedWidgets ?? []) control.value = "fixed";
       this.loraTrainerChart = new LossChart();
       this.addDOMWidget("loss_chart", "lora_trainer_loss_chart", this.loraTrainerChart.root, {
         serialize: false,
