@@ -36,7 +36,13 @@ class Adapter(nn.Module):
         return float(rank)
 
     @classmethod
+    def resolve_alpha(cls, alpha: float, rank: int) -> float:
+        """The alpha to store: the user's, or the algorithm's default when it is 0 (for the rank actually used)."""
+        return alpha if alpha > 0 else cls.default_alpha(rank)
+
+    @classmethod
     def create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator) -> "Adapter":
+        """A new adapter that changes nothing yet; ``alpha`` 0 means the algorithm's default."""
         raise NotImplementedError
 
     @classmethod

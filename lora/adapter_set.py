@@ -61,7 +61,6 @@ class AdapterSet(nn.Module):
         layers = adaptable_layers(root, patterns)
         if not layers:
             raise ValueError(f"no linear or convolution layer matches the module filter '{patterns}'")
-        alpha = alpha if alpha > 0 else algo.default_alpha(rank)
         adapters = {name: algo.create(spec, rank, alpha, generator) for name, spec in sorted(layers.items())}
         biases, norms = {}, {}
         if train_biases_and_norms:

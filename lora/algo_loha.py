@@ -28,7 +28,7 @@ class LoHa(Adapter):
         out, fan_in = spec.out_features, spec.fan_in
         w1a, w1b = normal((out, rank), 0.1, generator), normal((rank, fan_in), 0.1, generator)
         w2b = normal((rank, fan_in), 0.1, generator)
-        return cls(spec, w1a.data, w1b.data, zeros((out, rank)).data, w2b.data, alpha)
+        return cls(spec, w1a.data, w1b.data, zeros((out, rank)).data, w2b.data, cls.resolve_alpha(alpha, rank))
 
     @classmethod
     def from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "LoHa":

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .adapter import Adapter, check_shape, normal, require, stored_alpha, zeros
+from .adapter import Adapter, AdapterFitError, check_shape, normal, require, stored_alpha, zeros
 from .layer_spec import LayerSpec
 
 
@@ -46,7 +46,8 @@ class LoKr(Adapter):
         rank = max(1, min(rank, o2, i2k))
         w1 = normal((o1, i1), 1.0 / math.sqrt(i1), generator)
         w2a = normal((o2, rank), 1.0 / math.sqrt(rank), generator)
-        return cls(spec, w1.data, w2a.data, zeros((rank, i2k)).data, alpha)  # w2b = 0: ΔW = 0 at step 0
+        # w2b = 0: ΔW = 0 at step 0. The default alpha follows the rank after clamping (scale 1).
+        return cls(spec, w1.data, w2a.data, zeros((rank, i2k)).data, cls.resolve_alpha(alpha, rank))
 
     @classmethod
     def from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "LoKr":
@@ -58,6 +59,9 @@ class LoKr(Adapter):
         else:
             w2a, w2b = require(tensors, "lokr_w2_a", spec), require(tensors, "lokr_w2_b", spec)
             alpha = stored_alpha(tensors, float(w2b.shape[0]))
+        if not (w1.ndim == w2a.ndim == w2b.ndim == 2) or w2a.shape[1] != w2b.shape[0]:
+            raise AdapterFitError(f"lokr_w2_a {tuple(w2a.shape)} and lokr_w2_b {tuple(w2b.shape)} do not multiply "
+                                  f"(lokr_w1 {tuple(w1.shape)})")
         o, i = w1.shape[0] * w2a.shape[0], w1.shape[1] * w2b.shape[1]
         check_shape("lokr_w1 ⊗ lokr_w2", torch.empty(o, i, device="meta"), (spec.out_features, spec.fan_in))
         return cls(spec, w1, w2a, w2b, alpha)

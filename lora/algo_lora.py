@@ -27,7 +27,7 @@ class LoRA(Adapter):
         # Kaiming-uniform-like down projection, zero up projection: the model is unchanged at step 0.
         bound = 1.0 / math.sqrt(spec.fan_in)
         down = (torch.rand((rank, spec.fan_in), generator=generator) * 2 - 1) * bound
-        return cls(spec, down, zeros((spec.out_features, rank)).data, alpha)
+        return cls(spec, down, zeros((spec.out_features, rank)).data, cls.resolve_alpha(alpha, rank))
 
     @classmethod
     def from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "LoRA":

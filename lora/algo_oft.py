@@ -34,7 +34,8 @@ class OFT(Adapter):
     @classmethod
     def create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator) -> "OFT":
         size = block_size_for(spec.out_features, rank)
-        return cls(spec, zeros((spec.out_features // size, size, size)).data, alpha)  # Q = 0: R = I
+        blocks = zeros((spec.out_features // size, size, size)).data  # Q = 0: R = I
+        return cls(spec, blocks, cls.resolve_alpha(alpha, rank))
 
     @classmethod
     def from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "OFT":

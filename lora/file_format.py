@@ -47,7 +47,7 @@ def stored_steps(metadata: dict[str, str] | None) -> int | None:
     """Training steps recorded in a file's metadata (ours, else kohya's), or None when it has none."""
     for key in (f"{META}steps", "ss_steps"):
         value = (metadata or {}).get(key)
-        if value is not None and str(value).isdigit():
+        if value is not None and str(value).isascii() and str(value).isdecimal():
             return int(value)
     return None
 

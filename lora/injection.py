@@ -64,4 +64,5 @@ def attached(root: nn.Module, adapters: AdapterSet) -> Iterator[None]:
 
 
 def _channel_dim_of(module: nn.Module) -> int:
-    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+    """Where a bias broadcasts: channels-first for convolutions and GroupNorm, last for linear and LayerNorm."""
+    return 1 if isinstance(module, (nn.modules.conv._ConvNd, nn.GroupNorm)) else -1

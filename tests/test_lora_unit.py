@@ -199,8 +199,6 @@ def test_default_alpha_means_scale_one_for_lora_loha():
         assert float(a.alpha) / a.rank == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LoKr.create clamps rank to min(rank, o2, i2k) but AdapterSet.create set "
-                                       "the default alpha to the unclamped rank, so scale alpha/rank != 1")
 def test_default_alpha_means_scale_one_for_lokr_when_rank_is_clamped():
     root = nn.Sequential(nn.Linear(8, 8))  # o2 = i2 = 4: rank 8 is clamped to 4
     aset = AdapterSet.create(root, "LoKr", rank=8, alpha=0.0, generator=gen(0))
@@ -402,8 +400,6 @@ def test_split_keys_longest_suffix_wins():
     assert set(out["x"]) == {"lokr_w2_a", "lokr_w2"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LoKr.from_tensors checks only the Kronecker product's outer size, not "
-                                       "that lokr_w2_a's columns match lokr_w2_b's rows: the state loads, forward fails")
 def test_lokr_inner_rank_mismatch_is_a_file_error():
     model = small_model()
     # proj: 8 -> 12. o1*o2 = 3*4 = 12, i1*i2 = 2*4 = 8, but w2a (4, 3) @ w2b (2, 4) is impossible.
@@ -429,9 +425,6 @@ def test_lokr_full_w2_loads_with_scale_one():
         assert_close_rel(a(x, layer(x), layer.bias), F.linear(x.double(), w, layer.bias.double()))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: injection._channel_dim_of returns -1 for GroupNorm, so a diff_b on a "
-                                       "GroupNorm (as ComfyUI's own trainer writes) is added along the last spatial "
-                                       "dimension instead of the channels")
 def test_diff_b_on_group_norm_is_added_per_channel():
     model = small_model()
     delta = torch.arange(8, dtype=torch.float32) / 8
@@ -553,8 +546,6 @@ def test_metadata_and_stored_steps():
     assert file_format.stored_steps({"ss_steps": "1.5"}) is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: stored_steps uses str.isdigit(), which accepts digits int() rejects "
-                                       "(e.g. '²'), so odd metadata raises ValueError instead of giving None")
 def test_stored_steps_odd_digits_give_none():
     assert file_format.stored_steps({"ss_steps": "²"}) is None
 

@@ -385,9 +385,9 @@ def test_train_grad_accumulation_calls_micro_step_per_micro_batch():
     assert len(result.losses) == 4
 
 
-def test_train_grad_accumulation_equals_one_big_batch_with_sgd():
-    """With SGD, 2 accumulated micro-batches of the same draws give the mean gradient of both."""
-    # Micro-batches of size 1, accumulated over the whole epoch, vs. the loss computed by hand.
+def test_train_grad_accumulation_averages_micro_batch_gradients():
+    """With SGD at lr 1, one step over 2 accumulated micro-batches moves the parameters by exactly minus the mean of
+    the two micro-batch gradients, replayed here by hand from the same generator."""
     net, aset, groups, sched, denoise = toy_problem(0)
     with torch.no_grad():
         for p in aset.parameters():

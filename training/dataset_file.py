@@ -35,14 +35,15 @@ def pack(samples: list[torch.Tensor], captions: list[list]) -> tuple[dict[str, t
 def unpack(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str):
     try:
         manifest = json.loads(metadata["manifest"])
-        assert manifest["format"] == FORMAT
+        if manifest["format"] != FORMAT:
+            raise ValueError(f"format {manifest['format']!r}, expected {FORMAT!r}")
         samples, captions = [], []
         for i, cap in enumerate(manifest["captions"]):
             samples.append(tensors[f"latent.{i}"])
             extra = dict(cap["values"])
             extra.update({k: tensors[f"cond.{i}.{k}"] for k in cap["tensors"]})
             captions.append([tensors[f"cond.{i}.cross_attn"], extra])
-    except (KeyError, AssertionError, json.JSONDecodeError, TypeError) as e:
+    except (KeyError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"dataset: '{name}' is not a training data set file of this pack ({e!r})") from None
     return samples, captions
 
