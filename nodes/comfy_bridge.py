@@ -36,6 +36,11 @@ class ComfySchedule:
         return self.ms.calculate_denoised(sigma, ones, torch.zeros_like(ones)).float()
 
 
+def compute_dtype(patcher) -> torch.dtype:
+    """The dtype ComfyUI runs the model in (its manual-cast dtype when weights are stored in another one)."""
+    return getattr(patcher.model, "manual_cast_dtype", None) or patcher.model.get_dtype()
+
+
 def base_model_name(patcher) -> str:
     return type(patcher.model.model_config).__name__
 

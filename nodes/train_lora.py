@@ -64,7 +64,8 @@ class TrainLoRA:
                 "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX,
                                  "tooltip": "Seeds adapter initialisation, data order, timesteps and noise."}),
                 "training_dtype": (list(DTYPES), {"default": "bf16",
-                                                  "tooltip": "Compute dtype while training (autocast)."}),
+                                                  "tooltip": "Compute dtype while training (autocast) of an fp32 "
+                                                             "model; fp16/bf16 models compute in their own dtype."}),
                 "lora_dtype": (list(DTYPES), {"default": "bf16",
                                               "tooltip": "Dtype of the returned and saved LoRA weights "
                                                          "(training keeps fp32 master weights)."}),
@@ -106,9 +107,12 @@ class TrainLoRA:
         existing = None
         if existing_lora and existing_lora != lora_files.NONE:
             existing = lora_files.read_lora(existing_lora)
+        # training_dtype is the autocast dtype of an fp32 model; a half-precision model already computes in its own
+        # dtype (autocasting it into another half dtype breaks norms on the CPU and gains nothing).
+        autocast = DTYPES[training_dtype] if comfy_bridge.compute_dtype(model) == torch.float32 else None
         settings = loop.Settings(steps=steps, batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps,
                                  learning_rate=learning_rate, optimizer=optimizer, loss_function=loss_function,
-                                 compute_dtype=DTYPES[training_dtype])
+                                 compute_dtype=autocast)
         device = comfy.model_management.get_torch_device()
         generator = torch.Generator().manual_seed(seed)
         pbar = comfy.utils.ProgressBar(steps * grad_accumulation_steps)

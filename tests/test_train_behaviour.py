@@ -124,3 +124,18 @@ def test_video_latents_train(server):
     entry = server.run(wf)
     losses = entry["outputs"]["train"]["lora_trainer_loss"]
     assert len(losses) == 3 and all(l == l for l in losses)
+
+
+@pytest.mark.parametrize("base_dtype", ["fp16", "bf16"])
+def test_half_precision_base_models_train_with_the_documented_defaults(server, base_dtype):
+    # The node's own defaults: bf16 compute (autocast), bf16 LoRA, gradient checkpointing on.
+    wf = wfs.train(wfs.sd15_model(dtype=base_dtype), wfs.test_data("sd15"), steps=3, seed=4)
+    wf["cmp"] = {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
+        "model_a": ["model", 0], "model_b": ["train", 0], "latents": ["data", 0], "positive": ["data", 1],
+        "nonce": 1}}
+    entry = server.run(wf)
+    losses = entry["outputs"]["train"]["lora_trainer_loss"]
+    assert len(losses) == 3 and all(l == l and l < 1e3 for l in losses)
+    assert entry["outputs"]["cmp"]["rel_diff"][0] > 0  # the LoRA changed the model
+    lora = saved(server, entry)
+    assert all(t.dtype == __import__("torch").bfloat16 for k, t in lora.items() if not k.endswith(".alpha"))

@@ -111,7 +111,7 @@ def tiny_sd15_unet_config() -> dict:
     }
 
 
-def tiny_sd15_patcher(seed: int = 0, disable_dynamic: bool = False):
+def tiny_sd15_patcher(seed: int = 0, disable_dynamic: bool = False, dtype: torch.dtype = torch.float32):
     """An SD1.5-architecture UNet (conv + attention, ε-prediction) wrapped in a ComfyUI ModelPatcher."""
     import comfy.model_base
     import comfy.model_management
@@ -119,9 +119,10 @@ def tiny_sd15_patcher(seed: int = 0, disable_dynamic: bool = False):
     import comfy.supported_models
 
     config = comfy.supported_models.SD15(tiny_sd15_unet_config())
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None)
     model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
     _randomise(model.diffusion_model, seed)
+    model.diffusion_model.to(dtype)
     patcher = comfy.model_patcher.ModelPatcher(
         model,
         load_device=comfy.model_management.get_torch_device(),
@@ -129,7 +130,7 @@ def tiny_sd15_patcher(seed: int = 0, disable_dynamic: bool = False):
     )
     # Newer ComfyUI refuses to clone patchers that no loader made unless they say how to rebuild themselves.
     if hasattr(patcher, "cached_patcher_init"):
-        patcher.cached_patcher_init = (tiny_sd15_patcher, (seed,))
+        patcher.cached_patcher_init = (tiny_sd15_patcher, (seed, False, dtype))
     return patcher
 
 

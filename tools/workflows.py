@@ -17,8 +17,8 @@ def sd3_model(unet_name: str = "tiny_sd3.safetensors") -> dict:
     return {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}}}
 
 
-def sd15_model(seed: int = 0) -> dict:
-    return {"model": {"class_type": "LoraTrainerTest_TinySD15Model", "inputs": {"seed": seed}}}
+def sd15_model(seed: int = 0, dtype: str = "fp32") -> dict:
+    return {"model": {"class_type": "LoraTrainerTest_TinySD15Model", "inputs": {"seed": seed, "dtype": dtype}}}
 
 
 def test_data(family: str = "sd3", count: int = 4, size: int = 8, seed: int = 0, captions: str = "one per image",

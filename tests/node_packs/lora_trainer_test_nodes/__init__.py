@@ -16,14 +16,16 @@ class TinySD15Model:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "dtype": (["fp32", "fp16", "bf16"],)}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "build"
     CATEGORY = "testing"
 
-    def build(self, seed):
-        return (tiny_models.tiny_sd15_patcher(seed),)
+    def build(self, seed, dtype="fp32"):
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        return (tiny_models.tiny_sd15_patcher(seed, dtype=dtype),)
 
 
 class TinyTrainingData:
