@@ -110,6 +110,18 @@ def test_node_in_the_real_frontend(server, browser):
         timeout=180000)
     assert chart_points(page, node_id) == 150
     shot(page, "en_after_run")
+
+    # The frontend's Cancel button stops a long run; the node says at which step.
+    page.evaluate("(id) => { const n = app.graph.getNodeById(id); n.widgets.find((w) => w.name === 'steps').value = "
+                  "100000; n.widgets.find((w) => w.name === 'seed').value = 77; }", node_id)
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    page.wait_for_function("(id) => app.graph.getNodeById(id).loraTrainerChart.points.length >= 3", arg=node_id,
+                           timeout=120000)
+    page.get_by_label("Cancel current run").first.click()
+    page.wait_for_function(
+        "(id) => app.graph.getNodeById(id).loraTrainerChart.status.textContent.startsWith('cancelled at step')",
+        arg=node_id, timeout=60000)
+    shot(page, "en_cancelled")
     page.close()
 
 

@@ -59,7 +59,7 @@ class LossChart {
   }
 
   cancelled(step) {
-    this.status.textContent = `cancelled at step ${step}; the LoRA so far is in loras/cancelled/`;
+    this.status.textContent = `cancelled at step ${step} (kept in loras/cancelled)`;
   }
 
   draw() {
@@ -126,6 +126,12 @@ app.registerExtension({
     };
   },
   setup() {
+    // A new run of the node starts a new curve.
+    api.addEventListener("executing", ({ detail }) => {
+      const id = detail && typeof detail === "object" ? detail.node : detail;
+      const node = nodeFor(id);
+      if (node?.type === NODE_TYPE) node.loraTrainerChart?.reset();
+    });
     api.addEventListener("lora_trainer.progress", ({ detail }) => nodeFor(detail?.node)?.loraTrainerChart?.push(detail));
     api.addEventListener("lora_trainer.cancelled", ({ detail }) =>
       nodeFor(detail?.node)?.loraTrainerChart?.cancelled(detail.step));
