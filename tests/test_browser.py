@@ -4,7 +4,6 @@ Screenshots go to test-artifacts/browser/ (kept by CI as artifacts)."""
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +83,24 @@ def chart_points(page, node_id) -> int:
     return page.evaluate("(id) => app.graph.getNodeById(id).loraTrainerChart.points.length", node_id)
 
 
+def wait_for_status(page, node_id, prefix: str, timeout_ms: int = 180000) -> None:
+    page.wait_for_function(
+        "([id, prefix]) => app.graph.getNodeById(id).loraTrainerChart.status.textContent.startsWith(prefix)",
+        arg=[node_id, prefix], timeout=timeout_ms)
+
+
+def queue_and_watch(page, node_id, name: str, min_points: int) -> None:
+    """Queues the graph from the UI, screenshots the chart mid-run and after the run."""
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    page.wait_for_function("([id, n]) => app.graph.getNodeById(id).loraTrainerChart.points.length >= n",
+                           arg=[node_id, min_points], timeout=120000)
+    shot(page, f"{name}_mid_run")
+    status = page.locator(".lora-trainer-status").first.text_content()
+    assert status.startswith("step "), status
+    wait_for_status(page, node_id, "done")
+    shot(page, f"{name}_after_run")
+
+
 def test_node_in_the_real_frontend(server, browser):
     page = open_app(browser, server, "en")
     drag_from_library(page, "Train LoRA", "Train LoRA (LoRA Trainer)")
@@ -97,19 +114,8 @@ def test_node_in_the_real_frontend(server, browser):
 
     node_id = page.evaluate(BUILD_GRAPH, {"steps": 150, "training_dtype": "fp32", "lora_dtype": "fp32",
                                          "gradient_checkpointing": False, "learning_rate": 0.002})
-    page.evaluate("() => app.queuePrompt(0, 1)")
-    deadline = time.monotonic() + 120
-    while chart_points(page, node_id) < 5:
-        assert time.monotonic() < deadline, "the chart got no points"
-        page.wait_for_timeout(100)
-    shot(page, "en_mid_run")
-    status = page.locator(".lora-trainer-status").first.text_content()
-    assert status.startswith("step "), status
-    page.wait_for_function(
-        "(id) => app.graph.getNodeById(id).loraTrainerChart.status.textContent.startsWith('done')", arg=node_id,
-        timeout=180000)
+    queue_and_watch(page, node_id, "en", min_points=5)
     assert chart_points(page, node_id) == 150
-    shot(page, "en_after_run")
 
     # The frontend's Cancel button stops a long run; the node says at which step.
     page.evaluate("(id) => { const n = app.graph.getNodeById(id); n.widgets.find((w) => w.name === 'steps').value = "
@@ -118,9 +124,7 @@ def test_node_in_the_real_frontend(server, browser):
     page.wait_for_function("(id) => app.graph.getNodeById(id).loraTrainerChart.points.length >= 3", arg=node_id,
                            timeout=120000)
     page.get_by_label("Cancel current run").first.click()
-    page.wait_for_function(
-        "(id) => app.graph.getNodeById(id).loraTrainerChart.status.textContent.startsWith('cancelled at step')",
-        arg=node_id, timeout=60000)
+    wait_for_status(page, node_id, "cancelled at step", 60000)
     shot(page, "en_cancelled")
     page.close()
 
@@ -133,16 +137,7 @@ def test_russian_locale(server, browser):
         assert title == "Обучить LoRA (LoRA Trainer)"
         node_id = page.evaluate(BUILD_GRAPH, {"steps": 60, "training_dtype": "fp32", "lora_dtype": "fp32",
                                              "gradient_checkpointing": False, "seed": 4})
-        page.evaluate("() => app.queuePrompt(0, 1)")
-        deadline = time.monotonic() + 120
-        while chart_points(page, node_id) < 3:
-            assert time.monotonic() < deadline, "the chart got no points"
-            page.wait_for_timeout(100)
-        shot(page, "ru_mid_run")
-        page.wait_for_function(
-            "(id) => app.graph.getNodeById(id).loraTrainerChart.status.textContent.startsWith('done')", arg=node_id,
-            timeout=180000)
-        shot(page, "ru_after_run")
+        queue_and_watch(page, node_id, "ru", min_points=3)
     finally:
         server.post("/settings", {"Comfy.Locale": "en"})
         page.close()
