@@ -1,16 +1,22 @@
 """Messages to the frontend over ComfyUI's websocket (custom events), when a server is running."""
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any
 
 EVENT_PREFIX = "lora_trainer."
 
 
+@functools.cache
+def _prompt_server_class():
+    """ComfyUI's PromptServer when this process runs the server (it is then already imported), else None."""
+    module = sys.modules.get("server")
+    return getattr(module, "PromptServer", None)
+
+
 def send(event: str, data: dict[str, Any]) -> None:
-    try:
-        from server import PromptServer
-    except ImportError:  # plain unit tests: no server
-        return
-    instance = getattr(PromptServer, "instance", None)
+    cls = _prompt_server_class()
+    instance = getattr(cls, "instance", None) if cls is not None else None
     if instance is not None:
         instance.send_sync(EVENT_PREFIX + event, data, instance.client_id)

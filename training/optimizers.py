@@ -10,12 +10,13 @@ OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
 
 def build(name: str, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     params = list(params)
+    # foreach: one batched update for all adapter tensors (torch picks it on CUDA only; it helps on the CPU too).
     if name == "AdamW":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, foreach=True)
     if name == "Adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, foreach=True)
     if name == "SGD":
-        return torch.optim.SGD(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr, foreach=True)
     if name == "RMSprop":
-        return torch.optim.RMSprop(params, lr=lr)
+        return torch.optim.RMSprop(params, lr=lr, foreach=True)
     raise ValueError(f"optimizer '{name}' is not one of {', '.join(OPTIMIZERS)}")
