@@ -55,6 +55,8 @@ def browser():
 
 
 def open_app(browser, server, locale: str):
+    server.post("/queue", {"clear": True})
+    server.interrupt()  # nothing left running from an earlier test
     server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Locale": locale})
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
     page.goto(server.url)
@@ -71,7 +73,7 @@ def shot(page, name: str) -> None:
 
 def drag_from_library(page, search: str, label: str) -> None:
     page.keyboard.press("n")  # Node Library
-    box = page.get_by_placeholder("Search Nodes...")
+    box = page.locator(".search-box-input").first  # its placeholder is translated
     box.fill(search)
     item = page.get_by_text(label, exact=True).first
     item.wait_for(timeout=20000)
@@ -91,14 +93,20 @@ def wait_for_status(page, node_id, prefix: str, timeout_ms: int = 180000) -> Non
 
 def queue_and_watch(page, node_id, name: str, min_points: int) -> None:
     """Queues the graph from the UI, screenshots the chart mid-run and after the run."""
-    page.evaluate("() => app.queuePrompt(0, 1)")
-    page.wait_for_function("([id, n]) => app.graph.getNodeById(id).loraTrainerChart.points.length >= n",
-                           arg=[node_id, min_points], timeout=120000)
+    start_and_wait_for_points(page, node_id, min_points)
     shot(page, f"{name}_mid_run")
-    status = page.locator(".lora-trainer-status").first.text_content()
-    assert status.startswith("step "), status
     wait_for_status(page, node_id, "done")
     shot(page, f"{name}_after_run")
+
+
+def start_and_wait_for_points(page, node_id, min_points: int) -> None:
+    """Queues the graph from the UI and waits until this run's curve has ``min_points`` points."""
+    page.evaluate("(id) => app.graph.getNodeById(id).loraTrainerChart.reset()", node_id)
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    page.wait_for_function(
+        "([id, n]) => { const c = app.graph.getNodeById(id).loraTrainerChart; "
+        "return c.points.length >= n && c.status.textContent.startsWith('step '); }",
+        arg=[node_id, min_points], timeout=120000)
 
 
 def test_node_in_the_real_frontend(server, browser):
@@ -120,9 +128,7 @@ def test_node_in_the_real_frontend(server, browser):
     # The frontend's Cancel button stops a long run; the node says at which step.
     page.evaluate("(id) => { const n = app.graph.getNodeById(id); n.widgets.find((w) => w.name === 'steps').value = "
                   "100000; n.widgets.find((w) => w.name === 'seed').value = 77; }", node_id)
-    page.evaluate("() => app.queuePrompt(0, 1)")
-    page.wait_for_function("(id) => app.graph.getNodeById(id).loraTrainerChart.points.length >= 3", arg=node_id,
-                           timeout=120000)
+    start_and_wait_for_points(page, node_id, 3)
     page.get_by_label("Cancel current run").first.click()
     wait_for_status(page, node_id, "cancelled at step", 60000)
     shot(page, "en_cancelled")
