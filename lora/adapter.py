@@ -28,7 +28,7 @@ class Adapter(nn.Module):
     def __init__(self, spec: LayerSpec, alpha: float):
         super().__init__()
         self.spec = spec
-        self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
+        self.alpha = float(alpha)  # a Python float: the hot path multiplies by it without a tensor op
 
     @classmethod
     def default_alpha(cls, rank: int) -> float:
@@ -64,7 +64,7 @@ class Adapter(nn.Module):
         return x if torch.is_autocast_enabled(x.device.type) else x.to(self.param_dtype)
 
     def _alpha_tensor(self) -> torch.Tensor:
-        return self.alpha.detach().clone().float().cpu()
+        return torch.tensor(self.alpha, dtype=torch.float32)
 
 
 def require(tensors: dict[str, torch.Tensor], suffix: str, spec: LayerSpec) -> torch.Tensor:

@@ -25,7 +25,7 @@ class ComfySchedule:
 
     def __init__(self, model_sampling, device: torch.device):
         self.ms = model_sampling
-        self.sigmas = model_sampling.sigmas.detach().float().cpu()
+        self.sigmas = model_sampling.sigmas.detach().float().cpu().clone()  # a normal tensor, not an inference one
 
     def noisy(self, sigma: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         return self.ms.noise_scaling(sigma.reshape(-1), noise, x0, max_denoise=False)

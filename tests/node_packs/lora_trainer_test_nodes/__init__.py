@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+import eval_loss  # noqa: E402
 import tiny_models  # noqa: E402
 
 
@@ -92,38 +93,6 @@ class LatentList:
         return (out,)
 
 
-def _bridge():
-    """The pack's ComfyUI glue, as ComfyUI loaded it (its module name depends on the ComfyUI version)."""
-    return next(m for name, m in sys.modules.items() if name.endswith("lora_trainer.nodes.comfy_bridge"))
-
-
-def _outputs(model, latents, positive, seed, points=8):
-    """The model's denoised output and native error at fixed sigmas and noise on every training latent."""
-    import comfy.model_management
-
-    bridge = _bridge()
-    device = comfy.model_management.get_torch_device()
-    comfy.model_management.load_models_gpu([model])
-    samples = [s for s in latents["samples"]]
-    captions = [positive[i if len(positive) > 1 else 0] for i in range(len(samples))]
-    x0 = [model.model.process_latent_in(s.unsqueeze(0).to(device))[0] for s in samples]
-    conds = bridge.SampleConditioning(model, captions, x0, device)
-    schedule = bridge.ComfySchedule(model.model.model_sampling, device)
-    table = schedule.sigmas
-    gen = torch.Generator().manual_seed(seed)
-    outs, errors = [], []
-    with torch.no_grad():
-        for k in range(points):
-            sigma = table[int((k + 0.5) * len(table) / points)].reshape(1).to(device)
-            for i, x in enumerate(x0):
-                noise = torch.randn(x.shape, generator=gen).unsqueeze(0).to(device)
-                x_t = schedule.noisy(sigma, noise, x.unsqueeze(0))
-                den = model.model.apply_model(x_t, sigma, **conds.batch([i]))
-                outs.append(den.float().cpu())
-                errors.append(((den.float() - x.unsqueeze(0).float()) / schedule.output_scale(sigma, x_t)).cpu())
-    return torch.cat(outs), torch.cat(errors)
-
-
 class EvalLoss:
     """Native-objective MSE of a model on the training latents at fixed sigmas and noise."""
 
@@ -138,8 +107,7 @@ class EvalLoss:
     CATEGORY = "testing"
 
     def run(self, model, latents, positive, seed):
-        _, errors = _outputs(model, latents, positive, seed)
-        return {"ui": {"eval_loss": [float(errors.pow(2).mean())]}}
+        return {"ui": {"eval_loss": [eval_loss.eval_loss(model, latents["samples"], positive, seed)]}}
 
 
 class CompareModels:
@@ -158,8 +126,8 @@ class CompareModels:
     def run(self, model_a, model_b, latents, positive, nonce):
         import hashlib
 
-        a, _ = _outputs(model_a, latents, positive, 5, points=3)
-        b, _ = _outputs(model_b, latents, positive, 5, points=3)
+        a, _ = eval_loss.denoised_and_errors(model_a, latents["samples"], positive, 5, points=3)
+        b, _ = eval_loss.denoised_and_errors(model_b, latents["samples"], positive, 5, points=3)
         rel = float((a - b).norm() / a.norm().clamp_min(1e-12))
         digest = lambda t: hashlib.sha256(t.numpy().tobytes()).hexdigest()
         return {"ui": {"rel_diff": [rel], "digest_a": [digest(a)], "digest_b": [digest(b)]}}
