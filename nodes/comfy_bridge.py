@@ -41,6 +41,18 @@ def compute_dtype(patcher) -> torch.dtype:
     return getattr(patcher.model, "manual_cast_dtype", None) or patcher.model.get_dtype()
 
 
+def training_precision(patcher, wanted: torch.dtype) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(autocast dtype, manual-cast dtype) that make ``wanted`` the compute dtype of training.
+
+    An fp32 model is autocast. A half-precision model (ComfyUI runs SDXL in fp16 on most GPUs) is switched to
+    ComfyUI's own per-layer weight casting instead: autocasting fp16 weights into bf16 breaks norms on the CPU.
+    """
+    current = compute_dtype(patcher)
+    if current == torch.float32:
+        return (wanted if wanted != torch.float32 else None), None
+    return None, (wanted if wanted != current else None)
+
+
 def base_model_name(patcher) -> str:
     return type(patcher.model.model_config).__name__
 
@@ -102,7 +114,7 @@ def denoiser(patcher, conditioning: SampleConditioning):
 
 
 @contextlib.contextmanager
-def trainable_model(patcher) -> Iterator[object]:
+def trainable_model(patcher, manual_cast: torch.dtype | None = None) -> Iterator[object]:
     """A clone of the MODEL loaded by ComfyUI's memory manager with weights autograd may save for backward.
 
     ComfyUI builds models under ``torch.inference_mode``, so their weights are inference tensors that backward
@@ -111,6 +123,8 @@ def trainable_model(patcher) -> Iterator[object]:
     patches and options are never touched."""
     clone = patcher.clone()
     clone.weight_inplace_update = False  # in-place writes into inference tensors are not allowed outside inference
+    if manual_cast is not None:
+        clone.set_model_compute_dtype(manual_cast)
     zero = torch.zeros(())
     # Parameters only: patching a buffer would turn it into a Parameter for good.
     keys = [k for k, _ in clone.model.named_parameters() if k.startswith(MODEL_PREFIX)]

@@ -64,8 +64,8 @@ class TrainLoRA:
                 "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX,
                                  "tooltip": "Seeds adapter initialisation, data order, timesteps and noise."}),
                 "training_dtype": (list(DTYPES), {"default": "bf16",
-                                                  "tooltip": "Compute dtype while training (autocast) of an fp32 "
-                                                             "model; fp16/bf16 models compute in their own dtype."}),
+                                                  "tooltip": "Compute dtype while training (autocast for fp32 "
+                                                             "models, per-layer weight casting for fp16/bf16 ones)."}),
                 "lora_dtype": (list(DTYPES), {"default": "bf16",
                                               "tooltip": "Dtype of the returned and saved LoRA weights "
                                                          "(training keeps fp32 master weights)."}),
@@ -107,9 +107,7 @@ class TrainLoRA:
         existing = None
         if existing_lora and existing_lora != lora_files.NONE:
             existing = lora_files.read_lora(existing_lora)
-        # training_dtype is the autocast dtype of an fp32 model; a half-precision model already computes in its own
-        # dtype (autocasting it into another half dtype breaks norms on the CPU and gains nothing).
-        autocast = DTYPES[training_dtype] if comfy_bridge.compute_dtype(model) == torch.float32 else None
+        autocast, manual_cast = comfy_bridge.training_precision(model, DTYPES[training_dtype])
         settings = loop.Settings(steps=steps, batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps,
                                  learning_rate=learning_rate, optimizer=optimizer, loss_function=loss_function,
                                  compute_dtype=autocast)
@@ -120,7 +118,7 @@ class TrainLoRA:
         def on_step(report: loop.StepReport) -> None:
             events.send("progress", {"node": node_id, **vars(report)})
 
-        with torch.inference_mode(False), comfy_bridge.trainable_model(model) as clone:
+        with torch.inference_mode(False), comfy_bridge.trainable_model(model, manual_cast) as clone:
             root = clone.model.diffusion_model
             x0 = [comfy_bridge.latents_in_model_space(clone, s.unsqueeze(0).to(device))[0] for s in samples]
             groups = group_by_shape(x0)

@@ -81,8 +81,10 @@ class ComfyServer:
         for sub in ("models/diffusion_models", "models/loras", "input", "output"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        # COMFYUI_DEVICE=gpu runs the server on the GPU (the device checks); tests default to the CPU.
+        device_args = [] if os.environ.get("COMFYUI_DEVICE") == "gpu" else ["--cpu"]
         cmd = [
-            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            sys.executable, "main.py", *device_args, "--listen", "127.0.0.1", "--port", str(self.port),
             "--base-directory", str(self.base_dir), "--disable-auto-launch", *self.extra_args,
         ]
         log = open(self.log_path, "ab")
