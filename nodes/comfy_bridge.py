@@ -130,9 +130,17 @@ def trainable_model(patcher, manual_cast: torch.dtype | None = None) -> Iterator
     keys = [k for k, _ in clone.model.named_parameters() if k.startswith(MODEL_PREFIX)]
     clone.add_patches({k: ("diff", (zero,)) for k in keys}, strength_patch=0.0)
     comfy.model_management.load_models_gpu([clone])
+    # Newer ComfyUI (0.33) has an `in_training` switch that picks differentiable kernels (e.g. rope without the
+    # fused comfy_kitchen op, which has no backward); 0.3.75 has no such switch and needs none.
+    has_switch = hasattr(comfy.model_management, "in_training")
+    was_training = getattr(comfy.model_management, "in_training", False)
+    if has_switch:
+        comfy.model_management.in_training = True
     try:
         yield clone
     finally:
+        if has_switch:
+            comfy.model_management.in_training = was_training
         _release(clone)
 
 

@@ -54,13 +54,25 @@ def test_dataset_round_trip_trains(server):
     assert len(entry["outputs"]["train"]["lora_trainer_loss"]) == 2
 
 
+def builtin(server, class_type: str, inputs: dict) -> dict:
+    """A node of ComfyUI's own with the given inputs, plus the defaults of any required widget this ComfyUI version
+    has that the given inputs lack (e.g. LoraModelLoader's `bypass` in newer versions)."""
+    spec = server.object_info(class_type)[class_type]["input"]["required"]
+    for name, (kind, *rest) in spec.items():
+        if name not in inputs and rest and "default" in rest[0]:
+            inputs[name] = rest[0]["default"]
+        elif name not in inputs and isinstance(kind, list) and kind:
+            inputs[name] = kind[0]
+    return {"class_type": class_type, "inputs": inputs}
+
+
 def test_comfyui_builtin_nodes_accept_ours_and_ours_accept_theirs(server):
     wf = wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), save_prefix=None, steps=2, **FAST)
-    wf["their_save"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["train", 1], "prefix": "loras/ours_by_them",
-                                                             "steps": ["train", 3]}}
-    wf["their_apply"] = {"class_type": "LoraModelLoader", "inputs": {"model": ["model", 0], "lora": ["train", 1],
-                                                                     "strength_model": 1.0}}
-    wf["their_graph"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["train", 2], "filename_prefix": "theirs"}}
+    wf["their_save"] = builtin(server, "SaveLoRA", {"lora": ["train", 1], "prefix": "loras/ours_by_them",
+                                                    "steps": ["train", 3]})
+    wf["their_apply"] = builtin(server, "LoraModelLoader", {"model": ["model", 0], "lora": ["train", 1],
+                                                            "strength_model": 1.0})
+    wf["their_graph"] = builtin(server, "LossGraphNode", {"loss": ["train", 2], "filename_prefix": "theirs"})
     wf["cmp"] = {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
         "model_a": ["train", 0], "model_b": ["their_apply", 0], "latents": ["data", 0], "positive": ["data", 1],
         "nonce": 7}}
@@ -68,21 +80,24 @@ def test_comfyui_builtin_nodes_accept_ours_and_ours_accept_theirs(server):
     assert entry["outputs"]["cmp"]["rel_diff"][0] < 1e-6
     assert list((server.base_dir / "output" / "loras").glob("ours_by_them*.safetensors"))
 
-    # Their training node (fed a list of single latents: it crashes on one batch) into our companions.
+    # Their training node (fed a list of single latents: it crashes on one batch) into our companions. Its outputs
+    # moved between ComfyUI versions (0.33 dropped the MODEL output), so they are found by type.
+    outputs = server.object_info("TrainLoraNode")["TrainLoraNode"]["output"]
+    lora_out, loss_out, steps_out = (outputs.index(t) for t in ("LORA_MODEL", "LOSS_MAP", "INT"))
     theirs = {**wfs.sd3_model(), **wfs.test_data("sd3", count=2),
               "split": {"class_type": "LoraTrainerTest_LatentList", "inputs": {"latents": ["data", 0],
                                                                                "second_half_scale": 1}},
-              "train": {"class_type": "TrainLoraNode", "inputs": {
+              "train": builtin(server, "TrainLoraNode", {
                   "model": ["model", 0], "latents": ["split", 0], "positive": ["data", 1], "batch_size": 1,
                   "grad_accumulation_steps": 1, "steps": 1, "learning_rate": 0.0005, "rank": 4, "optimizer": "AdamW",
                   "loss_function": "MSE", "seed": 0, "training_dtype": "fp32", "lora_dtype": "fp32",
-                  "algorithm": "LoRA", "gradient_checkpointing": False, "existing_lora": "[None]"}},
-              "save": {"class_type": "LoraTrainer_SaveLoRA", "inputs": {"lora": ["train", 1], "prefix": "theirs/x",
-                                                                        "steps": ["train", 3]}},
-              "apply": {"class_type": "LoraTrainer_ApplyLoRA", "inputs": {"model": ["model", 0], "lora": ["train", 1],
-                                                                          "strength": 0.5}},
-              "graph": {"class_type": "LoraTrainer_LossGraph", "inputs": {"loss": ["train", 2],
-                                                                          "filename_prefix": "graphs/theirs"}},
+                  "algorithm": "LoRA", "gradient_checkpointing": False, "existing_lora": "[None]"}),
+              "save": {"class_type": "LoraTrainer_SaveLoRA", "inputs": {
+                  "lora": ["train", lora_out], "prefix": "theirs/x", "steps": ["train", steps_out]}},
+              "apply": {"class_type": "LoraTrainer_ApplyLoRA", "inputs": {
+                  "model": ["model", 0], "lora": ["train", lora_out], "strength": 0.5}},
+              "graph": {"class_type": "LoraTrainer_LossGraph", "inputs": {
+                  "loss": ["train", loss_out], "filename_prefix": "graphs/theirs"}},
               "cmp": {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
                   "model_a": ["model", 0], "model_b": ["apply", 0], "latents": ["data", 0], "positive": ["data", 1],
                   "nonce": 8}}}
