@@ -1,19 +1,24 @@
 """Our Train LoRA node against ComfyUI's built-in TrainLoraNode, on the same tiny models from the same ComfyUI tree.
 
-Every run is a fresh subprocess (so its peak RSS is its own); runs alternate ours / built-in in pairs after a warm-up
-pair. Printed per configuration: seconds per optimizer step, peak RSS during training, native-objective eval loss
-before/after, the median ratio ours/built-in, and "the limit": the same model's bare forward+backward (no adapter,
-gradients only for the input) and our overhead over it.
+Both nodes are imported in-process (as ComfyUI loads them) and called on the CPU with the same data, seed and
+settings (20 steps, rank 8, fp32, LoRA, AdamW, lr 5e-4; batch 1 and 4; gradient checkpointing on and off) on the tiny
+SD3 MMDiT (32x32 latents) and the tiny SD1.5 UNet (16x16 latents). Every run is a fresh subprocess, so its peak RSS
+is its own; runs alternate ours / built-in in pairs after a warm-up pair. Per configuration it prints seconds per
+optimizer step (node call time / steps, and the training loop alone), the median ratio ours/built-in, peak RSS, the
+native-objective eval loss before/after, and "the limit": the same model's bare forward+backward at that batch (no
+adapter, gradients for the input only) with our overhead over it (checkpointing off).
 
-    .venv/bin/python benchmarks/bench_train.py              # all configurations, 3 pairs each
-    .venv/bin/python benchmarks/bench_train.py --defaults   # each node at its own defaults, 100 steps
-    .venv/bin/python benchmarks/bench_train.py --quick      # 1 pair of a few configurations (CI smoke)
+    .venv/bin/python benchmarks/bench_train.py                   # all 8 configurations, 3 pairs each
+    .venv/bin/python benchmarks/bench_train.py --quick           # 1 pair of batch 1 / no checkpointing (CI smoke)
+    .venv/bin/python benchmarks/bench_train.py --defaults        # each node at its own defaults, 100 steps, SD3
+    .venv/bin/python benchmarks/bench_train.py --only sd3 --pairs 5 --json results.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -21,202 +26,228 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_common as bc  # noqa: E402
 
-COUNT = 4  # images in the data set
-SIZES = {"sd3": 32, "sd15": 16}  # latent height = width
+MARK = "BENCH_RESULT "
+QUICK_GRID = [(1, False)]
 
 
 # ---------------------------------------------------------------------------------------------------------- worker
-def rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def worker(args) -> dict:
+    """One run in this (fresh) process: build, eval before, train (timed, peak RSS), eval after."""
+    if args.threads > 0:
+        import torch
 
-
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM (peak RSS) to the current RSS
-
-
-def load_pack():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lora_trainer", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lora_trainer"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def build(model_name: str, tmp: Path):
+        torch.set_num_threads(args.threads)
+    bc.setup_comfyui()
     import torch
-    import tiny_models
 
-    size = SIZES[model_name]
-    with torch.inference_mode():  # as ComfyUI's node execution does
-        if model_name == "sd3":
-            import comfy.sd
-
-            path = tiny_models.write_tiny_sd3(tmp / "tiny_sd3.safetensors")
-            model = comfy.sd.load_diffusion_model(str(path))
-            channels, dim, extra = tiny_models.SD3_LATENT_CHANNELS, tiny_models.SD3_CONTEXT_DIM, True
-        else:
-            model = tiny_models.tiny_sd15_patcher(0)
-            channels, dim, extra = tiny_models.SD15_LATENT_CHANNELS, tiny_models.SD15_CONTEXT_DIM, False
-    latents = tiny_models.smooth_latents(COUNT, channels, size, size, seed=3)
-    emb = tiny_models.caption_embeddings(COUNT, 8, dim, seed=4)
-    captions = [[emb[i : i + 1], {"pooled_output": emb[i].mean(0, keepdim=True)} if extra else {}]
-                for i in range(COUNT)]
-    return model, latents, captions
-
-
-def settings(args) -> dict:
-    if args.defaults_of:  # each node's own documented defaults, only the step count is ours
-        return {"steps": args.steps}
-    return {"steps": args.steps, "batch_size": args.batch, "rank": 8, "learning_rate": 5e-4, "optimizer": "AdamW",
-            "training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": bool(args.gc)}
-
-
-def run_ours(model, latents, captions, s: dict):
-    import torch
-    from lora_trainer.nodes.train_lora import TrainLoRA
-
-    opts = {"batch_size": 1, "grad_accumulation_steps": 1, "learning_rate": 5e-4, "rank": 8, "optimizer": "AdamW",
-            "loss_function": "MSE", "seed": 0, "training_dtype": "bf16", "lora_dtype": "bf16", "algorithm": "LoRA",
-            "gradient_checkpointing": True, "existing_lora": "[None]", **s}
-    with torch.inference_mode():
-        out = TrainLoRA().train(model=[model], latents=[{"samples": latents}], positive=[captions],
-                                **{k: [v] for k, v in opts.items()})
-    return out["result"][0]
-
-
-def run_builtin(model, latents, captions, s: dict):
-    import torch
-    from comfy_extras.nodes_train import TrainLoraNode
-
-    opts = {"batch_size": 1, "grad_accumulation_steps": 1, "learning_rate": 5e-4, "rank": 8, "optimizer": "AdamW",
-            "loss_function": "MSE", "seed": 0, "training_dtype": "bf16", "lora_dtype": "bf16", "algorithm": "LoRA",
-            "gradient_checkpointing": True, "existing_lora": "[None]", **s}
-    # A list of single-image latents: the built-in node crashes on one batch (UnboundLocalError 'multi_res').
-    singles = [{"samples": latents[i : i + 1]} for i in range(len(latents))]
-    with torch.inference_mode():
-        out = TrainLoraNode.execute(model=[model], latents=singles, positive=[[c] for c in captions],
-                                    **{k: [v] for k, v in opts.items()})
-    result = getattr(out, "result", None) or getattr(out, "args")
-    return result[0]
-
-
-def run_bare(model, latents, captions, s: dict):
-    """The limit: forward + backward of the model alone, gradients for the input only."""
-    import torch
-    import comfy.model_management
-    from lora_trainer.nodes import comfy_bridge
-
-    device = comfy.model_management.get_torch_device()
-    gen = torch.Generator().manual_seed(0)
-    with comfy_bridge.trainable_model(model) as clone:
-        x0 = [clone.model.process_latent_in(x.unsqueeze(0).to(device))[0] for x in latents]
-        conds = comfy_bridge.SampleConditioning(clone, captions, x0, device)
-        schedule = comfy_bridge.ComfySchedule(clone.model.model_sampling, device)
-        batch = s["batch_size"]
-        for step in range(s["steps"]):
-            ids = [(step * batch + j) % len(x0) for j in range(batch)]
-            x = torch.stack([x0[i] for i in ids])
-            sigma = schedule.sigmas[torch.randint(0, len(schedule.sigmas), (batch,), generator=gen)]
-            x_t = schedule.noisy(sigma, torch.randn(x.shape, generator=gen), x).requires_grad_(True)
-            denoised = clone.model.apply_model(x_t, sigma, **conds.batch(ids))
-            ((denoised - x) / schedule.output_scale(sigma, x)).pow(2).mean().backward()
-    return None
-
-
-def worker(args) -> None:
-    import harness
-
-    harness.put_comfyui_on_path()
-    import torch
-    import eval_loss
-
-    torch.manual_seed(0)
-    load_pack()
+    bc.load_pack()
+    timer = bc.LoopTimer()
+    timer.patch_ours()
+    timer.patch_builtin()
+    out: dict = {"node": args.node, "model": args.model, "batch": args.batch, "gc": bool(args.gc),
+                 "steps": args.steps, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
-        model, latents, captions = build(args.model, Path(tmp))
-        before = eval_loss.eval_loss(model, latents, captions) if args.node != "bare" else float("nan")
-        run = {"ours": run_ours, "builtin": run_builtin, "bare": run_bare}[args.node]
-        s = settings(args)
-        rss_before = rss_mb("VmRSS")
-        reset_peak_rss()
+        model, latents, conditioning = bc.build(args.model, Path(tmp))
+        if args.node == "bare":
+            settings = {}
+        elif args.defaults_of:  # each node at its own documented defaults; only the step count is set
+            settings = dict(bc.ours_defaults() if args.node == "ours" else bc.builtin_defaults(), steps=args.steps)
+        else:
+            settings = dict(bc.FIXED, steps=args.steps, batch_size=args.batch, gradient_checkpointing=bool(args.gc))
+        out["settings"] = settings
+        out["eval_before"] = bc.eval_loss(model, latents, conditioning) if args.node != "bare" else None
+        out["rss_before_mb"] = bc.rss_mb()
+        out["maxrss_setup_mb"] = bc.maxrss_mb()  # peak of model building and the first eval
+        out["peak_reset"] = bc.reset_peak_rss()
         start = time.perf_counter()
-        trained = run(model, latents, captions, s)
-        seconds = time.perf_counter() - start
-        peak = rss_mb("VmHWM")
-        after = eval_loss.eval_loss(trained, latents, captions) if trained is not None else float("nan")
-    print(json.dumps({"sec_per_step": seconds / args.steps, "peak_rss_mb": peak, "rss_increase_mb": peak - rss_before,
-                      "eval_before": before, "eval_after": after}))
+        if args.node == "bare":
+            out["loop_s"] = bc.bare_steps(model, latents, conditioning, args.batch, args.steps)
+            result = None
+        else:
+            run = bc.run_ours if args.node == "ours" else bc.run_builtin
+            result = run(model, latents, conditioning, settings)
+            out["loop_s"] = timer.seconds
+        out["call_s"] = time.perf_counter() - start
+        out["peak_rss_mb"] = bc.maxrss_mb()
+        out["rss_increase_mb"] = out["peak_rss_mb"] - out["rss_before_mb"]
+        out["sec_per_step"] = out["call_s"] / args.steps
+        out["loop_sec_per_step"] = out["loop_s"] / args.steps
+        if result is not None:
+            losses = result[2]["loss"]
+            out["train_loss_first_last"] = [losses[0], losses[-1]] if losses else None
+            out["steps_out"] = result[3]
+            out["eval_after"] = bc.eval_loss(result[0], latents, conditioning)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- orchestrator
-def spawn(node: str, model: str, batch: int, gc: int, steps: int, defaults_of: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--node", node, "--model", model, "--batch", str(batch),
-           "--gc", str(gc), "--steps", str(steps)] + (["--defaults-of"] if defaults_of else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    if done.returncode != 0:
-        raise RuntimeError(f"{node} {model} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.runs: list[dict] = []
+
+    def spawn(self, node: str, model: str, batch: int, gc: bool, steps: int, defaults_of: bool = False) -> dict:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--node", node, "--model", model,
+               "--batch", str(batch), "--gc", str(int(gc)), "--steps", str(steps), "--threads", str(self.args.threads)]
+        if defaults_of:
+            cmd.append("--defaults-of")
+        env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+        if self.args.threads > 0:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.args.threads)
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=self.args.timeout)
+        except subprocess.TimeoutExpired:
+            res = {"node": node, "error": f"timed out after {self.args.timeout}s"}
+        else:
+            lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
+            if done.returncode != 0 or not lines:
+                tail = (done.stderr or done.stdout)[-2500:]
+                res = {"node": node, "error": f"exit {done.returncode}:\n{tail}"}
+            else:
+                res = json.loads(lines[-1][len(MARK):])
+        res["process_s"] = time.perf_counter() - started
+        if "error" in res:
+            print(f"   !! {node} {model} batch {batch} ckpt {gc}: {res['error'].splitlines()[0]}", flush=True)
+        self.runs.append(dict(res, model=model, batch=batch, gc=gc))
+        return res
 
 
-def bench_config(model: str, batch: int, gc: int, pairs: int, steps: int) -> dict:
-    spawn("ours", model, batch, gc, steps)  # warm-up pair (file caches, lazy imports)
-    spawn("builtin", model, batch, gc, steps)
-    ours, theirs = [], []
+def ok(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if "error" not in r]
+
+
+def med(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in ok(runs) if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def bench_config(runner: Runner, model: str, batch: int, gc: bool, pairs: int, steps: int, warmup: bool) -> dict:
+    print(f"-- {model} batch {batch} checkpointing {'on' if gc else 'off'}: "
+          f"{'warm-up pair + ' if warmup else ''}{pairs} pair(s){' + limit' if not gc else ''}", flush=True)
+    if warmup:  # file caches, lazily compiled kernels, page cache of the venv: not counted
+        runner.spawn("ours", model, batch, gc, steps)
+        runner.spawn("builtin", model, batch, gc, steps)
+    ours, theirs, bare = [], [], []
     for _ in range(pairs):
-        ours.append(spawn("ours", model, batch, gc, steps))
-        theirs.append(spawn("builtin", model, batch, gc, steps))
-    bare = [spawn("bare", model, batch, 0, steps) for _ in range(pairs)] if not gc else []
-    med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
-    row = {
-        "model": model, "batch": batch, "gc": bool(gc),
-        "ours_s": med(ours, "sec_per_step"), "builtin_s": med(theirs, "sec_per_step"),
-        "ratio": statistics.median(o["sec_per_step"] / t["sec_per_step"] for o, t in zip(ours, theirs)),
-        "ours_peak_mb": med(ours, "peak_rss_mb"), "builtin_peak_mb": med(theirs, "peak_rss_mb"),
-        "ours_rss_up_mb": med(ours, "rss_increase_mb"), "builtin_rss_up_mb": med(theirs, "rss_increase_mb"),
-        "ours_eval": (ours[0]["eval_before"], med(ours, "eval_after")),
-        "builtin_eval": (theirs[0]["eval_before"], med(theirs, "eval_after")),
-    }
+        ours.append(runner.spawn("ours", model, batch, gc, steps))
+        theirs.append(runner.spawn("builtin", model, batch, gc, steps))
+        if not gc:
+            bare.append(runner.spawn("bare", model, batch, False, steps))
+    row = {"model": model, "batch": batch, "gc": gc, "steps": steps, "pairs": pairs,
+           "errors": {n: r["error"] for n, runs in (("ours", ours), ("builtin", theirs), ("bare", bare))
+                      for r in runs if "error" in r}}
+    for name, runs in (("ours", ours), ("builtin", theirs)):
+        row[f"{name}_s"] = med(runs, "sec_per_step")
+        row[f"{name}_loop_s"] = med(runs, "loop_sec_per_step")
+        row[f"{name}_peak_mb"] = med(runs, "peak_rss_mb")
+        row[f"{name}_rss_up_mb"] = med(runs, "rss_increase_mb")
+        row[f"{name}_eval_before"] = med(runs, "eval_before")
+        row[f"{name}_eval_after"] = med(runs, "eval_after")
+        row[f"{name}_all_s"] = [r.get("sec_per_step") for r in runs]
+    ratios = [o["sec_per_step"] / t["sec_per_step"] for o, t in zip(ours, theirs) if "error" not in o and "error" not in t]
+    row["ratio"] = statistics.median(ratios) if ratios else None
+    loop_ratios = [o["loop_sec_per_step"] / t["loop_sec_per_step"] for o, t in zip(ours, theirs)
+                   if "error" not in o and "error" not in t]
+    row["loop_ratio"] = statistics.median(loop_ratios) if loop_ratios else None
     if bare:
-        row["bare_s"] = med(bare, "sec_per_step")
-        row["overhead_pct"] = 100 * (row["ours_s"] / row["bare_s"] - 1)
+        row["bare_s"] = med(bare, "loop_sec_per_step")
+        row["bare_peak_mb"] = med(bare, "peak_rss_mb")
+        if row["bare_s"] and row["ours_s"]:
+            row["overhead_pct"] = 100 * (row["ours_s"] / row["bare_s"] - 1)
+            row["loop_overhead_pct"] = 100 * (row["ours_loop_s"] / row["bare_s"] - 1)
     return row
 
 
-def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':5} {'batch':>5} {'ckpt':>5} | {'ours s/step':>11} {'built-in':>9} {'ratio':>6} | "
-            f"{'peak RSS ours':>13} {'built-in':>9} | {'eval ours before→after':>23} {'built-in before→after':>23} | "
-            f"{'bare s/step':>11} {'overhead':>8}")
+def fmt(value, spec: str, width: int) -> str:
+    return f"{value:{spec}}".rjust(width) if value is not None else "—".rjust(width)
+
+
+def print_tables(rows: list[dict]) -> None:
+    print("\nSpeed (seconds per optimizer step; median over pairs; 'call' = node call / steps, 'loop' = training loop "
+          "alone; ratio = median of per-pair ours/built-in)")
+    head = (f"{'model':5} {'batch':>5} {'ckpt':>4} | {'ours call':>9} {'built-in':>9} {'ratio':>6} | "
+            f"{'ours loop':>9} {'built-in':>9} {'ratio':>6} | {'limit':>8} {'ovh call':>8} {'ovh loop':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        bare = f"{r['bare_s']:11.4f} {r['overhead_pct']:7.1f}%" if "bare_s" in r else f"{'':11} {'':8}"
-        print(f"{r['model']:5} {r['batch']:5d} {str(r['gc']):>5} | {r['ours_s']:11.4f} {r['builtin_s']:9.4f} "
-              f"{r['ratio']:6.3f} | {r['ours_peak_mb']:10.0f} MB {r['builtin_peak_mb']:6.0f} MB | "
-              f"{r['ours_eval'][0]:10.4f} → {r['ours_eval'][1]:8.4f} {r['builtin_eval'][0]:10.4f} → "
-              f"{r['builtin_eval'][1]:8.4f} | {bare}")
+        print(f"{r['model']:5} {r['batch']:5d} {'on' if r['gc'] else 'off':>4} | "
+              f"{fmt(r['ours_s'], '.4f', 9)} {fmt(r['builtin_s'], '.4f', 9)} {fmt(r['ratio'], '.3f', 6)} | "
+              f"{fmt(r['ours_loop_s'], '.4f', 9)} {fmt(r['builtin_loop_s'], '.4f', 9)} {fmt(r['loop_ratio'], '.3f', 6)} | "
+              f"{fmt(r.get('bare_s'), '.4f', 8)} {fmt(r.get('overhead_pct'), '+.0f', 7)}{'%' if r.get('overhead_pct') is not None else ' '}"
+              f" {fmt(r.get('loop_overhead_pct'), '+.0f', 7)}{'%' if r.get('loop_overhead_pct') is not None else ' '}")
+    print("\nMemory (peak RSS of the run's process during the node call, MB; +Δ = over the RSS just before it) and "
+          "native-objective eval loss (8 fixed sigmas, seeded noise) before → after")
+    head = (f"{'model':5} {'batch':>5} {'ckpt':>4} | {'ours peak (+Δ)':>16} {'built-in peak (+Δ)':>18} | "
+            f"{'eval ours':>19} {'eval built-in':>19}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def mem(p):
+            return (f"{r[p + '_peak_mb']:.0f} (+{r[p + '_rss_up_mb']:.0f})" if r[p + "_peak_mb"] is not None else "—")
+
+        def ev(p):
+            b, a = r[p + "_eval_before"], r[p + "_eval_after"]
+            return f"{b:.4f} → {a:.4f}" if b is not None and a is not None else "—"
+
+        print(f"{r['model']:5} {r['batch']:5d} {'on' if r['gc'] else 'off':>4} | {mem('ours'):>16} {mem('builtin'):>18} | "
+              f"{ev('ours'):>19} {ev('builtin'):>19}")
+    failed = [(r, n, e) for r in rows for n, e in r["errors"].items()]
+    for r, n, e in failed:
+        print(f"\nFAILED: {n} on {r['model']} batch {r['batch']} ckpt {r['gc']}:\n{e}")
 
 
-def bench_defaults(steps: int, pairs: int) -> dict:
-    ours = [spawn("ours", "sd3", 1, 1, steps, defaults_of=True) for _ in range(pairs)]
-    theirs = [spawn("builtin", "sd3", 1, 1, steps, defaults_of=True) for _ in range(pairs)]
-    red = lambda r: r["eval_before"] - r["eval_after"]  # noqa: E731
-    row = {"ours_reduction": statistics.median(map(red, ours)), "builtin_reduction": statistics.median(map(red, theirs)),
-           "ours_eval": [ours[0]["eval_before"], statistics.median(r["eval_after"] for r in ours)],
-           "builtin_eval": [theirs[0]["eval_before"], statistics.median(r["eval_after"] for r in theirs)]}
-    row["ratio"] = row["ours_reduction"] / row["builtin_reduction"] if row["builtin_reduction"] else float("inf")
-    print(f"defaults, sd3, {steps} steps: eval-loss reduction ours {row['ours_reduction']:.4f} "
-          f"({row['ours_eval'][0]:.4f} → {row['ours_eval'][1]:.4f}), built-in {row['builtin_reduction']:.4f} "
-          f"({row['builtin_eval'][0]:.4f} → {row['builtin_eval'][1]:.4f}), ratio ours/built-in {row['ratio']:.2f}")
+def bench_defaults(runner: Runner, steps: int, pairs: int) -> dict:
+    print(f"-- defaults: each node at its own defaults, {steps} steps, sd3, {pairs} pair(s)", flush=True)
+    ours, theirs = [], []
+    for _ in range(pairs):
+        ours.append(runner.spawn("ours", "sd3", 1, True, steps, defaults_of=True))
+        theirs.append(runner.spawn("builtin", "sd3", 1, True, steps, defaults_of=True))
+    row: dict = {"steps": steps, "pairs": pairs}
+    for name, runs in (("ours", ours), ("builtin", theirs)):
+        good = ok(runs)
+        row[f"{name}_settings"] = good[0]["settings"] if good else None
+        row[f"{name}_eval_before"] = med(runs, "eval_before")
+        row[f"{name}_eval_after"] = med(runs, "eval_after")
+        reductions = [r["eval_before"] - r["eval_after"] for r in good]
+        row[f"{name}_reduction"] = statistics.median(reductions) if reductions else None
+        row[f"{name}_s"] = med(runs, "sec_per_step")
+        row[f"{name}_errors"] = [r["error"] for r in runs if "error" in r]
+    o, t = row["ours_reduction"], row["builtin_reduction"]
+    row["ratio"] = (o / t if t else float("inf")) if o is not None and t is not None else None
+    print(f"\nDefaults (each node's own defaults, sd3, {steps} steps; eval = native-objective MSE, 8 fixed sigmas)")
+    head = f"{'node':9} | {'eval before':>11} {'eval after':>10} {'reduction':>10} | {'s/step':>7} | settings"
+    print(head)
+    print("-" * len(head))
+    for name, label in (("ours", "ours"), ("builtin", "built-in")):
+        s = row[f"{name}_settings"] or {}
+        brief = ", ".join(f"{k}={s[k]}" for k in ("training_dtype", "lora_dtype", "gradient_checkpointing", "rank",
+                                                   "alpha", "learning_rate", "batch_size") if k in s)
+        print(f"{label:9} | {fmt(row[f'{name}_eval_before'], '.4f', 11)} {fmt(row[f'{name}_eval_after'], '.4f', 10)} "
+              f"{fmt(row[f'{name}_reduction'], '.4f', 10)} | {fmt(row[f'{name}_s'], '.4f', 7)} | {brief}")
+        for e in row[f"{name}_errors"]:
+            print(f"FAILED: {label}:\n{e}")
+    print(f"eval-loss reduction ratio ours/built-in: {fmt(row['ratio'], '.2f', 0)}")
     return row
+
+
+def environment(args) -> dict:
+    import harness  # noqa: F401  (tools/ is on sys.path through bench_common)
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=bc.REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "python": platform.python_version(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch_threads_per_run": args.threads,
+            "load_average_start": os.getloadavg(), "comfyui": str(harness.comfyui_dir()),
+            "git_head": git("rev-parse", "--short", "HEAD"), "git_dirty": git("status", "--porcelain").splitlines()}
 
 
 def main() -> None:
@@ -227,30 +258,53 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--gc", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--defaults-of", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--pairs", type=int, default=3)
-    p.add_argument("--only", choices=["sd3", "sd15"])
-    p.add_argument("--defaults", action="store_true", help="each node at its defaults for 100 steps (eval loss)")
-    p.add_argument("--quick", action="store_true", help="1 pair, batch 1, no checkpointing (smoke test)")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (20; --defaults: 100)")
+    p.add_argument("--pairs", type=int, help="measured ours/built-in pairs per configuration (3; --defaults: 1)")
+    p.add_argument("--only", choices=["sd3", "sd15"], help="one model only")
+    p.add_argument("--batches", default="1,4", help="batch sizes of the grid (1,4)")
+    p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both", help="checkpointing settings")
+    p.add_argument("--defaults", action="store_true", help="each node at its own defaults, 100 steps, SD3: eval loss")
+    p.add_argument("--quick", action="store_true", help="CI smoke: 1 pair, no warm-up, batch 1 / checkpointing off")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per run (1; 0 = torch's default). On a shared machine more than one "
+                        "thread per run makes timings swing by orders of magnitude.")
+    p.add_argument("--timeout", type=int, default=900, help="seconds before one run is given up")
+    p.add_argument("--json", type=Path, help="also write all results (and every single run) here")
     args = p.parse_args()
     if args.worker:
-        worker(args)
+        args.steps = args.steps or 20
+        print(MARK + json.dumps(worker(args)), flush=True)
         return
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores", "configs": []}
+
+    runner = Runner(args)
+    results: dict = {"environment": environment(args), "configs": []}
+    started = time.perf_counter()
     if args.defaults:
-        results["defaults"] = bench_defaults(100 if not args.quick else 10, 1 if args.quick else args.pairs)
+        steps = args.steps or (20 if args.quick else 100)
+        results["defaults"] = bench_defaults(runner, steps, args.pairs or 1)
     else:
         models = [args.only] if args.only else ["sd3", "sd15"]
-        grid = [(1, 0)] if args.quick else [(1, 0), (4, 0), (1, 1), (4, 1)]
-        pairs = 1 if args.quick else args.pairs
+        ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+        grid = QUICK_GRID if args.quick else [(b, gc) for gc in ckpt for b in map(int, args.batches.split(","))]
+        pairs = 1 if args.quick else (args.pairs or 3)
+        steps = args.steps or 20
         for model in models:
             for batch, gc in grid:
-                results["configs"].append(bench_config(model, batch, gc, pairs, args.steps))
-                print(f"... {model} batch {batch} ckpt {bool(gc)} done", flush=True)
-        print_table(results["configs"])
+                results["configs"].append(bench_config(runner, model, batch, gc, pairs, steps, warmup=not args.quick))
+        print_tables(results["configs"])
+    results["environment"]["load_average_end"] = os.getloadavg()
+    results["environment"]["total_s"] = time.perf_counter() - started
+    results["runs"] = runner.runs
+    env = results["environment"]
+    print(f"\n{env['machine']}, {args.threads or 'default'} torch thread(s) per run, load average at start "
+          f"{env['load_average_start'][0]:.2f}, at end {env['load_average_end'][0]:.2f}; {env['total_s']:.0f} s in all; "
+          f"ComfyUI {env['comfyui']}; git {env['git_head']}{' (+ uncommitted changes)' if env['git_dirty'] else ''}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+        print(f"results written to {args.json}")
+    failed = any(r.get("errors") for r in results["configs"]) or \
+        bool(results.get("defaults") and (results["defaults"]["ours_errors"] or results["defaults"]["builtin_errors"]))
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
