@@ -167,25 +167,27 @@ def fmt(value, spec: str, width: int) -> str:
     return f"{value:{spec}}".rjust(width) if value is not None else "—".rjust(width)
 
 
-def print_tables(rows: list[dict]) -> None:
-    print("\nSpeed (seconds per optimizer step; median over pairs; 'call' = node call / steps, 'loop' = training loop "
-          "alone; ratio = median of per-pair ours/built-in)")
-    head = (f"{'model':5} {'batch':>5} {'ckpt':>4} | {'ours call':>9} {'built-in':>9} {'ratio':>6} | "
-            f"{'ours loop':>9} {'built-in':>9} {'ratio':>6} | {'limit':>8} {'ovh call':>8} {'ovh loop':>8}")
+def table_head(title: str, head: str) -> None:
+    print(f"\n{title}")
     print(head)
     print("-" * len(head))
+
+
+def print_tables(rows: list[dict]) -> None:
+    table_head("Speed (seconds per optimizer step; median over pairs; 'call' = node call / steps, 'loop' = training "
+               "loop alone; ratio = median of per-pair ours/built-in)",
+               f"{'model':5} {'batch':>5} {'ckpt':>4} | {'ours call':>9} {'built-in':>9} {'ratio':>6} | "
+               f"{'ours loop':>9} {'built-in':>9} {'ratio':>6} | {'limit':>8} {'ovh call':>8} {'ovh loop':>8}")
     for r in rows:
         print(f"{r['model']:5} {r['batch']:5d} {'on' if r['gc'] else 'off':>4} | "
               f"{fmt(r['ours_s'], '.4f', 9)} {fmt(r['builtin_s'], '.4f', 9)} {fmt(r['ratio'], '.3f', 6)} | "
               f"{fmt(r['ours_loop_s'], '.4f', 9)} {fmt(r['builtin_loop_s'], '.4f', 9)} {fmt(r['loop_ratio'], '.3f', 6)} | "
               f"{fmt(r.get('bare_s'), '.4f', 8)} {fmt(r.get('overhead_pct'), '+.0f', 7)}{'%' if r.get('overhead_pct') is not None else ' '}"
               f" {fmt(r.get('loop_overhead_pct'), '+.0f', 7)}{'%' if r.get('loop_overhead_pct') is not None else ' '}")
-    print("\nMemory (peak RSS of the run's process during the node call, MB; +Δ = over the RSS just before it) and "
-          "native-objective eval loss (8 fixed sigmas, seeded noise) before → after")
-    head = (f"{'model':5} {'batch':>5} {'ckpt':>4} | {'ours peak (+Δ)':>16} {'built-in peak (+Δ)':>18} | "
-            f"{'eval ours':>19} {'eval built-in':>19}")
-    print(head)
-    print("-" * len(head))
+    table_head("Memory (peak RSS of the run's process during the node call, MB; +Δ = over the RSS just before it) "
+               "and native-objective eval loss (8 fixed sigmas, seeded noise) before → after",
+               f"{'model':5} {'batch':>5} {'ckpt':>4} | {'ours peak (+Δ)':>16} {'built-in peak (+Δ)':>18} | "
+               f"{'eval ours':>19} {'eval built-in':>19}")
     for r in rows:
         def mem(p):
             return (f"{r[p + '_peak_mb']:.0f} (+{r[p + '_rss_up_mb']:.0f})" if r[p + "_peak_mb"] is not None else "—")
