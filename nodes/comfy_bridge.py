@@ -67,6 +67,7 @@ class SampleConditioning:
 
     def __init__(self, patcher, captions: list[list], latents: list[torch.Tensor], device: torch.device):
         self.per_sample = []
+        self.unchecked: int | None = None  # the sample whose layout the first training forward checks (see check)
         for i, (caption, x) in enumerate(zip(captions, latents)):
             converted = comfy.sampler_helpers.convert_cond([caption])
             try:
@@ -77,7 +78,7 @@ class SampleConditioning:
                     v = v.process_cond(batch_size=1, device=device, area=None)
                     conds[k] = v._copy_with(v.cond.to(device)) if torch.is_tensor(v.cond) else v
             except Exception as e:  # the model could not use this conditioning at all
-                raise ValueError(f"positive: conditioning {i} does not fit this model ({type(e).__name__}: {e})") from e
+                raise self.misfit(i, e) from e
             if not conds:
                 raise ValueError(f"positive: conditioning {i} gives this model no inputs (is it from the right encoder?)")
             self.per_sample.append(conds)
@@ -85,30 +86,49 @@ class SampleConditioning:
     def batch(self, ids: list[int]) -> dict:
         return comfy.samplers.cond_cat([self.per_sample[i] for i in ids])
 
+    @staticmethod
+    def misfit(i: int, error: Exception) -> ValueError:
+        return ValueError(f"positive: conditioning {i} does not fit this model ({type(error).__name__}: {error})")
+
     def check(self, patcher, x0: list[torch.Tensor]) -> None:
-        """One no-grad forward per distinct (latent shape, conditioning layout), so conditioning that lacks what the
-        model needs (e.g. SD3 without a pooled output) is a clear input error, not a crash inside training."""
-        seen = set()
-        sigma = patcher.model.model_sampling.sigmas[len(patcher.model.model_sampling.sigmas) // 2].reshape(1)
+        """Conditioning that lacks what the model needs (e.g. SD3 without a pooled output) must be a clear input error
+        before any training step, not a crash inside one. With one (latent shape, conditioning layout) for all
+        samples, the usual case, the first training forward is the check (``denoiser`` turns its failure into this
+        error) and costs nothing extra; with several, each gets one no-grad forward here."""
+        layouts: dict[tuple, int] = {}
         for i, conds in enumerate(self.per_sample):
             layout = (tuple(x0[i].shape), tuple(sorted((k, tuple(getattr(v.cond, "shape", ()))[1:])
                                                        for k, v in conds.items())))
-            if layout in seen:
-                continue
-            seen.add(layout)
+            layouts.setdefault(layout, i)
+        if len(layouts) == 1:
+            self.unchecked = 0
+            return
+        sigma = patcher.model.model_sampling.sigmas[len(patcher.model.model_sampling.sigmas) // 2].reshape(1)
+        for i in layouts.values():
             try:
                 with torch.no_grad():
                     patcher.model.apply_model(x0[i].unsqueeze(0), sigma.to(x0[i].device), **self.batch([i]))
             except Exception as e:
-                raise ValueError(f"positive: conditioning {i} does not fit this model ({type(e).__name__}: {e})") from e
+                raise self.misfit(i, e) from e
 
 
 def denoiser(patcher, conditioning: SampleConditioning):
     transformer_options = dict(patcher.model_options.get("transformer_options", {}))
+    unchecked = conditioning.unchecked
 
     def denoise(x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        nonlocal unchecked
         kwargs = conditioning.batch(ids)
-        return patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options, **kwargs)
+        if unchecked is None:
+            return patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options, **kwargs)
+        try:
+            out = patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options, **kwargs)
+        except (comfy.model_management.InterruptProcessingException, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as e:
+            raise conditioning.misfit(unchecked, e) from e
+        unchecked = None
+        return out
 
     return denoise
 
@@ -118,17 +138,19 @@ def trainable_model(patcher, manual_cast: torch.dtype | None = None) -> Iterator
     """A clone of the MODEL loaded by ComfyUI's memory manager with weights autograd may save for backward.
 
     ComfyUI builds models under ``torch.inference_mode``, so their weights are inference tensors that backward
-    cannot use. Giving the clone a zero-strength patch on every weight makes ComfyUI's own loader write ordinary
-    copies (and back the originals up, as for any LoRA); unloading restores the originals. The input MODEL, its
-    patches and options are never touched."""
+    cannot use. The clone gets an object patch per parameter: an ordinary tensor over the same memory (no copy, so no
+    extra RAM or VRAM and no per-weight work). ComfyUI applies object patches on load and puts the originals back on
+    unload; weights it patches or moves while loading (an upstream LoRA, a device move) are new ordinary tensors
+    anyway. The input MODEL, its patches and options are never touched."""
     clone = patcher.clone()
     clone.weight_inplace_update = False  # in-place writes into inference tensors are not allowed outside inference
     if manual_cast is not None:
         clone.set_model_compute_dtype(manual_cast)
-    zero = torch.zeros(())
     # Parameters only: patching a buffer would turn it into a Parameter for good.
-    keys = [k for k, _ in clone.model.named_parameters() if k.startswith(MODEL_PREFIX)]
-    clone.add_patches({k: ("diff", (zero,)) for k in keys}, strength_patch=0.0)
+    for key, param in clone.model.named_parameters():
+        current = clone.object_patches.get(key, param)  # another node's object patch on a weight is kept, aliased
+        if key.startswith(MODEL_PREFIX) and isinstance(current, torch.Tensor):
+            clone.add_object_patch(key, _ordinary_alias(current))
     comfy.model_management.load_models_gpu([clone])
     # Newer ComfyUI (0.33) has an `in_training` switch that picks differentiable kernels (e.g. rope without the
     # fused comfy_kitchen op, which has no backward); 0.3.75 has no such switch and needs none.
@@ -142,6 +164,14 @@ def trainable_model(patcher, manual_cast: torch.dtype | None = None) -> Iterator
         if has_switch:
             comfy.model_management.in_training = was_training
         _release(clone)
+
+
+def _ordinary_alias(param: torch.Tensor) -> torch.nn.Parameter:
+    """A frozen Parameter that shares ``param``'s memory but is not an inference tensor."""
+    alias = torch.empty(0, dtype=param.dtype, device=param.device)
+    with torch.no_grad():
+        alias.set_(param.untyped_storage(), param.storage_offset(), param.size(), param.stride())
+    return torch.nn.Parameter(alias, requires_grad=False)
 
 
 def _release(clone) -> None:

@@ -17,6 +17,7 @@ from torch import nn  # noqa: E402
 from lora.adapter_set import AdapterSet  # noqa: E402
 from lora.injection import attached  # noqa: E402
 from training import checkpointing, data, dataset_file, loop, objectives, optimizers  # noqa: E402
+from training.flat_params import FlatParams  # noqa: E402
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -291,6 +292,33 @@ def test_per_sample_loss_values():
     assert set(objectives.LOSSES) == {"MSE", "L1", "Huber", "SmoothL1"}
     with pytest.raises(ValueError, match="loss_function"):
         objectives.per_sample_loss(err, "L2")
+
+
+def test_flat_params_train_exactly_like_separate_tensors():
+    """One AdamW over the flat buffer gives the same values as AdamW over the separate tensors, step for step, and the
+    parameters stay the module's own objects."""
+    def make():
+        net = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3, bias=False))
+        return init_module(net, 0)
+
+    x = torch.randn(4, 5, generator=gen(1))
+    ref, net = make(), make()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.01)
+    ids = [id(p) for p in net.parameters()]
+    flat = FlatParams(list(net.parameters()) + [net[1].weight])  # a repeated tensor is kept once
+    assert [id(p) for p in net.parameters()] == ids and len(flat.tensors) == 1
+    assert flat.tensors[0].numel() == sum(p.numel() for p in net.parameters())
+    opt = torch.optim.AdamW(flat.tensors, lr=0.05, weight_decay=0.01)
+    for _ in range(3):
+        for model, o, zero in ((ref, ref_opt, lambda: ref_opt.zero_grad()), (net, opt, flat.zero_grad)):
+            model(x).pow(2).mean().backward()
+            o.step()
+            zero()
+    for a, b in zip(ref.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert net[0].weight.untyped_storage().data_ptr() == flat.tensors[0].untyped_storage().data_ptr()
+    flat.release_grads()
+    assert all(p.grad is None for p in net.parameters()) and flat.tensors[0].grad is None
 
 
 def test_optimizers_by_name():

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import objectives, optimizers
+from .flat_params import FlatParams
 from .data import Group, micro_batches
 
 # denoise(x_t, sigma, sample_ids) -> ComfyUI's denoised estimate x̂0 for those samples (their own captions).
@@ -88,8 +89,16 @@ def sample_loss(denoise: DenoiseFn, schedule: objectives.Schedule, x0: torch.Ten
 def train(params: Iterable[torch.nn.Parameter], groups: list[Group], denoise: DenoiseFn, schedule: objectives.Schedule,
           settings: Settings, generator: torch.Generator, callbacks: Callbacks = Callbacks()) -> Result:
     """Trains ``params`` (fp32 master weights) in place. Every random draw comes from ``generator``."""
-    params = list(params)
-    opt = optimizers.build(settings.optimizer, params, settings.learning_rate)
+    flat = FlatParams(params)
+    try:
+        return _train(flat, groups, denoise, schedule, settings, generator, callbacks)
+    finally:
+        flat.release_grads()
+
+
+def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: objectives.Schedule,
+           settings: Settings, generator: torch.Generator, callbacks: Callbacks) -> Result:
+    opt = optimizers.build(settings.optimizer, flat.tensors, settings.learning_rate)
     batches = micro_batches(groups, settings.batch_size, generator)
     result = Result()
     smoothed = None
@@ -112,11 +121,11 @@ def train(params: Iterable[torch.nn.Parameter], groups: list[Group], denoise: De
                 callbacks.micro_step()
             except (_Cancel, *callbacks.cancel_exceptions):
                 # Keep what the finished optimizer steps trained; drop the half-accumulated gradients.
-                opt.zero_grad(set_to_none=True)
+                flat.zero_grad()
                 result.cancelled = True
                 return result
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        flat.zero_grad()
         mean = total / settings.grad_accumulation_steps
         result.losses.append(mean)
         smoothed = mean if smoothed is None else 0.9 * smoothed + 0.1 * mean
