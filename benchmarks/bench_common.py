@@ -170,17 +170,24 @@ def run_ours(model, latents, conditioning, settings: dict):
 
 def run_builtin(model, latents, conditioning, settings: dict):
     """ComfyUI's TrainLoraNode.execute with list inputs (is_input_list=True), inside inference mode. It gets a LIST of
-    single-image latents: on one LATENT batch it crashes (UnboundLocalError: multi_res), a known defect."""
+    single-image latents: on one LATENT batch it crashes (UnboundLocalError: multi_res), a known defect. Returns
+    (model with the LoRA, lora, loss map, steps) as 0.3.75 does."""
     import torch
     from comfy_extras.nodes_train import TrainLoraNode
 
     # The built-in node draws data order and timesteps from the global RNG; seed it with the node's seed.
     torch.manual_seed(int(settings.get("seed", 0)))
     singles = [{"samples": latents[i : i + 1]} for i in range(len(latents))]
+    # Inputs newer ComfyUI versions added (0.33: offloading, bypass_mode, ...) get their schema defaults.
+    settings = dict(builtin_defaults(), **settings)
     with torch.inference_mode():
         out = TrainLoraNode.execute(model=[model], latents=singles, positive=[conditioning],
-                                    **{k: [v] for k, v in settings.items()})
-    return out.args
+                                    **{k: [v] for k, v in settings.items()}).args
+        if len(out) == 3:  # newer ComfyUI (0.33) returns (lora, loss_map, steps): apply the LoRA as its loader does
+            import comfy.sd
+
+            out = (comfy.sd.load_lora_for_models(model, None, out[0], 1.0, 0)[0], *out)
+    return out
 
 
 def bare_steps(model, latents, conditioning, batch: int, steps: int, seed: int = 0) -> float:

@@ -49,8 +49,9 @@ POOLED = 1280  # SDXL's pooled CLIP-G width (adm_in_channels 2816 = 1280 + 6 x 2
 IMAGES, TOKENS = 2, 77
 
 
-def sdxl_patcher(unet_config: dict, device, dtype, seed: int = 0):
-    """comfy.model_base.SDXL with seeded random weights, wrapped in a ModelPatcher as a loader would."""
+def sdxl_patcher(unet_config: dict, device, dtype, seed: int = 0, disable_dynamic: bool = False):
+    """comfy.model_base.SDXL with seeded random weights, wrapped in a ModelPatcher as a loader would.
+    (``disable_dynamic``: newer ComfyUI passes it when it rebuilds a patcher; this one is never dynamic.)"""
     import torch
     import comfy.model_base
     import comfy.model_management
