@@ -20,7 +20,11 @@ sys.path.insert(0, str(REPO / "tools"))
 PACK = "lora_trainer"
 COUNT = 4  # images in the data set
 TOKENS = 8  # caption length
-LATENT_SIZE = {"sd3": 32, "sd15": 16}  # latent height = width
+LATENT_SIZE = {"sd3": 32, "sd3-wide": 32, "sd15": 16}  # latent height = width
+# MMDiT depth (its width is 64 x depth): "sd3" is the test suite's model (width 128); "sd3-wide" (width 512) shows
+# how the adapter overhead shrinks once layers are wide enough that matmuls, not memory passes, dominate.
+SD3_DEPTH = {"sd3": 2, "sd3-wide": 8}
+MODELS = ("sd3", "sd15", "sd3-wide")
 
 # The fixed settings of the comparison (both nodes get exactly these).
 FIXED = {"grad_accumulation_steps": 1, "learning_rate": 5e-4, "rank": 8, "optimizer": "AdamW",
@@ -82,10 +86,10 @@ def build(model_name: str, tmp: Path, size: int | None = None, count: int = COUN
 
     size = size or LATENT_SIZE[model_name]
     with torch.inference_mode():  # as ComfyUI's node execution does
-        if model_name == "sd3":
+        if model_name in SD3_DEPTH:
             import comfy.sd
 
-            path = tiny_models.write_tiny_sd3(tmp / "tiny_sd3.safetensors")
+            path = tiny_models.write_tiny_sd3(tmp / "tiny_sd3.safetensors", depth=SD3_DEPTH[model_name])
             model = comfy.sd.load_diffusion_model(str(path))
             channels, dim = tiny_models.SD3_LATENT_CHANNELS, tiny_models.SD3_CONTEXT_DIM
         elif model_name == "sd15":
@@ -97,7 +101,7 @@ def build(model_name: str, tmp: Path, size: int | None = None, count: int = COUN
     emb = tiny_models.caption_embeddings(count, TOKENS, dim, seed=4)
     conditioning = []
     for i in range(count):
-        extra = {"pooled_output": emb[i].mean(0, keepdim=True)} if model_name == "sd3" else {}
+        extra = {"pooled_output": emb[i].mean(0, keepdim=True)} if model_name in SD3_DEPTH else {}
         conditioning.append([emb[i : i + 1].clone(), extra])
     return model, latents, conditioning
 

@@ -54,8 +54,9 @@ def worker(args) -> dict:
         model, latents, conditioning = bc.build(args.model, Path(tmp))
         if args.node == "bare":
             settings = {}
-        elif args.defaults_of:  # each node at its own documented defaults; only the step count is set
-            settings = dict(bc.ours_defaults() if args.node == "ours" else bc.builtin_defaults(), steps=args.steps)
+        elif args.defaults_of:  # each node at its own documented defaults; only the step count (and seed) is set
+            settings = dict(bc.ours_defaults() if args.node == "ours" else bc.builtin_defaults(), steps=args.steps,
+                            seed=args.seed)
         else:
             settings = dict(bc.FIXED, steps=args.steps, batch_size=args.batch, gradient_checkpointing=bool(args.gc))
         out["settings"] = settings
@@ -90,9 +91,11 @@ class Runner:
         self.args = args
         self.runs: list[dict] = []
 
-    def spawn(self, node: str, model: str, batch: int, gc: bool, steps: int, defaults_of: bool = False) -> dict:
+    def spawn(self, node: str, model: str, batch: int, gc: bool, steps: int, defaults_of: bool = False,
+              seed: int = 0) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--node", node, "--model", model,
-               "--batch", str(batch), "--gc", str(int(gc)), "--steps", str(steps), "--threads", str(self.args.threads)]
+               "--batch", str(batch), "--gc", str(int(gc)), "--steps", str(steps), "--threads", str(self.args.threads),
+               "--seed", str(seed)]
         if defaults_of:
             cmd.append("--defaults-of")
         env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
@@ -176,17 +179,17 @@ def table_head(title: str, head: str) -> None:
 def print_tables(rows: list[dict]) -> None:
     table_head("Speed (seconds per optimizer step; median over pairs; 'call' = node call / steps, 'loop' = training "
                "loop alone; ratio = median of per-pair ours/built-in)",
-               f"{'model':5} {'batch':>5} {'ckpt':>4} | {'ours call':>9} {'built-in':>9} {'ratio':>6} | "
+               f"{'model':8} {'batch':>5} {'ckpt':>4} | {'ours call':>9} {'built-in':>9} {'ratio':>6} | "
                f"{'ours loop':>9} {'built-in':>9} {'ratio':>6} | {'limit':>8} {'ovh call':>8} {'ovh loop':>8}")
     for r in rows:
-        print(f"{r['model']:5} {r['batch']:5d} {'on' if r['gc'] else 'off':>4} | "
+        print(f"{r['model']:8} {r['batch']:5d} {'on' if r['gc'] else 'off':>4} | "
               f"{fmt(r['ours_s'], '.4f', 9)} {fmt(r['builtin_s'], '.4f', 9)} {fmt(r['ratio'], '.3f', 6)} | "
               f"{fmt(r['ours_loop_s'], '.4f', 9)} {fmt(r['builtin_loop_s'], '.4f', 9)} {fmt(r['loop_ratio'], '.3f', 6)} | "
               f"{fmt(r.get('bare_s'), '.4f', 8)} {fmt(r.get('overhead_pct'), '+.0f', 7)}{'%' if r.get('overhead_pct') is not None else ' '}"
               f" {fmt(r.get('loop_overhead_pct'), '+.0f', 7)}{'%' if r.get('loop_overhead_pct') is not None else ' '}")
     table_head("Memory (peak RSS of the run's process during the node call, MB; +Δ = over the RSS just before it) "
                "and native-objective eval loss (8 fixed sigmas, seeded noise) before → after",
-               f"{'model':5} {'batch':>5} {'ckpt':>4} | {'ours peak (+Δ)':>16} {'built-in peak (+Δ)':>18} | "
+               f"{'model':8} {'batch':>5} {'ckpt':>4} | {'ours peak (+Δ)':>16} {'built-in peak (+Δ)':>18} | "
                f"{'eval ours':>19} {'eval built-in':>19}")
     for r in rows:
         def mem(p):
@@ -196,45 +199,51 @@ def print_tables(rows: list[dict]) -> None:
             b, a = r[p + "_eval_before"], r[p + "_eval_after"]
             return f"{b:.4f} → {a:.4f}" if b is not None and a is not None else "—"
 
-        print(f"{r['model']:5} {r['batch']:5d} {'on' if r['gc'] else 'off':>4} | {mem('ours'):>16} {mem('builtin'):>18} | "
+        print(f"{r['model']:8} {r['batch']:5d} {'on' if r['gc'] else 'off':>4} | {mem('ours'):>16} {mem('builtin'):>18} | "
               f"{ev('ours'):>19} {ev('builtin'):>19}")
     failed = [(r, n, e) for r in rows for n, e in r["errors"].items()]
     for r, n, e in failed:
         print(f"\nFAILED: {n} on {r['model']} batch {r['batch']} ckpt {r['gc']}:\n{e}")
 
 
-def bench_defaults(runner: Runner, steps: int, pairs: int) -> dict:
-    print(f"-- defaults: each node at its own defaults, {steps} steps, sd3, {pairs} pair(s)", flush=True)
-    ours, theirs = [], []
-    for _ in range(pairs):
-        ours.append(runner.spawn("ours", "sd3", 1, True, steps, defaults_of=True))
-        theirs.append(runner.spawn("builtin", "sd3", 1, True, steps, defaults_of=True))
-    row: dict = {"steps": steps, "pairs": pairs}
-    for name, runs in (("ours", ours), ("builtin", theirs)):
-        good = ok(runs)
-        row[f"{name}_settings"] = good[0]["settings"] if good else None
-        row[f"{name}_eval_before"] = med(runs, "eval_before")
-        row[f"{name}_eval_after"] = med(runs, "eval_after")
-        reductions = [r["eval_before"] - r["eval_after"] for r in good]
-        row[f"{name}_reduction"] = statistics.median(reductions) if reductions else None
-        row[f"{name}_s"] = med(runs, "sec_per_step")
-        row[f"{name}_errors"] = [r["error"] for r in runs if "error" in r]
-    o, t = row["ours_reduction"], row["builtin_reduction"]
-    row["ratio"] = (o / t if t else float("inf")) if o is not None and t is not None else None
+def bench_defaults(runner: Runner, steps: int, seeds: list[int]) -> dict:
+    """Each node at its own defaults on the tiny SD3, once per seed (the seed is the one setting both nodes share
+    that changes the outcome): eval-loss reduction per seed and the ratio ours/built-in."""
+    print(f"-- defaults: each node at its own defaults, {steps} steps, sd3, seeds {seeds}", flush=True)
+    rows = []
+    for seed in seeds:
+        row: dict = {"seed": seed}
+        for name in ("ours", "builtin"):
+            r = runner.spawn(name, "sd3", 1, True, steps, defaults_of=True, seed=seed)
+            row[name] = r
+            row[f"{name}_reduction"] = r["eval_before"] - r["eval_after"] if "error" not in r else None
+        o, t = row["ours_reduction"], row["builtin_reduction"]
+        row["ratio"] = (o / t if t else float("inf")) if o is not None and t is not None else None
+        rows.append(row)
     print(f"\nDefaults (each node's own defaults, sd3, {steps} steps; eval = native-objective MSE, 8 fixed sigmas)")
-    head = f"{'node':9} | {'eval before':>11} {'eval after':>10} {'reduction':>10} | {'s/step':>7} | settings"
+    head = (f"{'seed':>4} {'node':9} | {'eval before':>11} {'eval after':>10} {'reduction':>10} | {'s/step':>7} | "
+            f"{'ratio':>5} | settings")
     print(head)
     print("-" * len(head))
-    for name, label in (("ours", "ours"), ("builtin", "built-in")):
-        s = row[f"{name}_settings"] or {}
-        brief = ", ".join(f"{k}={s[k]}" for k in ("training_dtype", "lora_dtype", "gradient_checkpointing", "rank",
-                                                   "alpha", "learning_rate", "batch_size") if k in s)
-        print(f"{label:9} | {fmt(row[f'{name}_eval_before'], '.4f', 11)} {fmt(row[f'{name}_eval_after'], '.4f', 10)} "
-              f"{fmt(row[f'{name}_reduction'], '.4f', 10)} | {fmt(row[f'{name}_s'], '.4f', 7)} | {brief}")
-        for e in row[f"{name}_errors"]:
-            print(f"FAILED: {label}:\n{e}")
-    print(f"eval-loss reduction ratio ours/built-in: {fmt(row['ratio'], '.2f', 0)}")
-    return row
+    for row in rows:
+        for name, label in (("ours", "ours"), ("builtin", "built-in")):
+            r = row[name]
+            if "error" in r:
+                print(f"{row['seed']:4d} {label:9} | FAILED: {r['error']}")
+                continue
+            s = r["settings"]
+            brief = ", ".join(f"{k}={s[k]}" for k in ("training_dtype", "lora_dtype", "gradient_checkpointing", "rank",
+                                                       "alpha", "learning_rate", "batch_size") if k in s)
+            ratio = fmt(row["ratio"], ".2f", 5) if name == "ours" else " " * 5
+            print(f"{row['seed']:4d} {label:9} | {r['eval_before']:11.4f} {r['eval_after']:10.4f} "
+                  f"{row[name + '_reduction']:10.4f} | {r['sec_per_step']:7.4f} | {ratio} | {brief}")
+    ratios = [row["ratio"] for row in rows if row["ratio"] is not None]
+    summary = {"steps": steps, "seeds": seeds, "rows": rows, "ratios": ratios,
+               "median_ratio": statistics.median(ratios) if ratios else None,
+               "errors": [row[n]["error"] for row in rows for n in ("ours", "builtin") if "error" in row[n]]}
+    print(f"eval-loss reduction ratio ours/built-in: {', '.join(f'{x:.2f}' for x in ratios)} "
+          f"(seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}); median {fmt(summary['median_ratio'], '.2f', 0)}")
+    return summary
 
 
 def environment(args) -> dict:
@@ -256,16 +265,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--node", choices=["ours", "builtin", "bare"], help=argparse.SUPPRESS)
-    p.add_argument("--model", choices=["sd3", "sd15"], default="sd3", help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=bc.MODELS, default="sd3", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--gc", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--defaults-of", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help="optimizer steps per run (20; --defaults: 100)")
-    p.add_argument("--pairs", type=int, help="measured ours/built-in pairs per configuration (3; --defaults: 1)")
-    p.add_argument("--only", choices=["sd3", "sd15"], help="one model only")
+    p.add_argument("--pairs", type=int, help="measured ours/built-in pairs per configuration (3)")
+    p.add_argument("--only", choices=bc.MODELS, help="one model only (sd3-wide: width 512, not in the default grid)")
     p.add_argument("--batches", default="1,4", help="batch sizes of the grid (1,4)")
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both", help="checkpointing settings")
     p.add_argument("--defaults", action="store_true", help="each node at its own defaults, 100 steps, SD3: eval loss")
+    p.add_argument("--seeds", default="0", help="--defaults: comma-separated seeds, one run of each node per seed (0)")
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="CI smoke: 1 pair, no warm-up, batch 1 / checkpointing off")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per run (1; 0 = torch's default). On a shared machine more than one "
@@ -283,7 +294,7 @@ def main() -> None:
     started = time.perf_counter()
     if args.defaults:
         steps = args.steps or (20 if args.quick else 100)
-        results["defaults"] = bench_defaults(runner, steps, args.pairs or 1)
+        results["defaults"] = bench_defaults(runner, steps, [int(x) for x in args.seeds.split(",")])
     else:
         models = [args.only] if args.only else ["sd3", "sd15"]
         ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
@@ -305,7 +316,7 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2, default=str))
         print(f"results written to {args.json}")
     failed = any(r.get("errors") for r in results["configs"]) or \
-        bool(results.get("defaults") and (results["defaults"]["ours_errors"] or results["defaults"]["builtin_errors"]))
+        bool(results.get("defaults") and results["defaults"]["errors"])
     sys.exit(1 if failed else 0)
 
 

@@ -57,7 +57,8 @@ class Adapter(nn.Module):
 
     @property
     def param_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        # The first own parameter (not ``parameters()``, a generator over the module tree: this runs every forward).
+        return next(iter(self._parameters.values())).dtype
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         """The layer input in the adapter's dtype (autocast, when active, still picks the compute dtype)."""

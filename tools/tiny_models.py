@@ -56,8 +56,8 @@ def tiny_sd3_state_dict(seed: int = 0, depth: int = 2) -> dict[str, torch.Tensor
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def write_tiny_sd3(path: Path, seed: int = 0) -> Path:
-    return write_model(path, tiny_sd3_state_dict, seed)
+def write_tiny_sd3(path: Path, seed: int = 0, depth: int = 2) -> Path:
+    return write_model(path, lambda s: tiny_sd3_state_dict(s, depth), seed)
 
 
 WAN_LATENT_CHANNELS = 16
