@@ -3,9 +3,9 @@
 Both nodes are imported in-process (as ComfyUI loads them) and called on the CPU with the same data, seed and
 settings (20 steps, rank 8, fp32, LoRA, AdamW, lr 5e-4; batch 1 and 4; gradient checkpointing on and off) on the tiny
 SD3 MMDiT (32x32 latents) and the tiny SD1.5 UNet (16x16 latents). Every run is a fresh subprocess, so its peak RSS
-is its own; runs alternate ours / built-in in pairs after a warm-up pair. Per configuration it prints seconds per
-optimizer step (node call time / steps, and the training loop alone), the median ratio ours/built-in, peak RSS, the
-native-objective eval loss before/after, and "the limit": the same model's bare forward+backward at that batch (no
+is its own (after an uncounted 2-step call of the same node); runs alternate ours / built-in in pairs after a
+warm-up pair. Per configuration it prints seconds per optimizer step (node call time / steps, and the training loop
+alone), the median ratio ours/built-in, peak RSS, the native-objective eval loss before/after, and "the limit": the same model's bare forward+backward at that batch (no
 adapter, gradients for the input only) with our overhead over it (checkpointing off).
 
     .venv/bin/python benchmarks/bench_train.py                   # all 8 configurations, 3 pairs each
@@ -61,15 +61,22 @@ def worker(args) -> dict:
             settings = dict(bc.FIXED, steps=args.steps, batch_size=args.batch, gradient_checkpointing=bool(args.gc))
         out["settings"] = settings
         out["eval_before"] = bc.eval_loss(model, latents, conditioning) if args.node != "bare" else None
+        run = bc.run_ours if args.node == "ours" else bc.run_builtin
+        if args.warmup_steps:  # one-time costs of a process (lazy imports, kernel caches) are not training costs
+            warm_start = time.perf_counter()
+            if args.node == "bare":
+                bc.bare_steps(model, latents, conditioning, args.batch, args.warmup_steps)
+            else:
+                run(model, latents, conditioning, dict(settings, steps=args.warmup_steps))
+            out["warmup_s"] = time.perf_counter() - warm_start
         out["rss_before_mb"] = bc.rss_mb()
-        out["maxrss_setup_mb"] = bc.maxrss_mb()  # peak of model building and the first eval
+        out["maxrss_setup_mb"] = bc.maxrss_mb()  # peak of model building, the first eval and the warm-up call
         out["peak_reset"] = bc.reset_peak_rss()
         start = time.perf_counter()
         if args.node == "bare":
             out["loop_s"] = bc.bare_steps(model, latents, conditioning, args.batch, args.steps)
             result = None
         else:
-            run = bc.run_ours if args.node == "ours" else bc.run_builtin
             result = run(model, latents, conditioning, settings)
             out["loop_s"] = timer.seconds
         out["call_s"] = time.perf_counter() - start
@@ -95,7 +102,7 @@ class Runner:
               seed: int = 0) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--node", node, "--model", model,
                "--batch", str(batch), "--gc", str(int(gc)), "--steps", str(steps), "--threads", str(self.args.threads),
-               "--seed", str(seed)]
+               "--seed", str(seed), "--warmup-steps", str(self.args.warmup_steps)]
         if defaults_of:
             cmd.append("--defaults-of")
         env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
@@ -277,6 +284,8 @@ def main() -> None:
     p.add_argument("--defaults", action="store_true", help="each node at its own defaults, 100 steps, SD3: eval loss")
     p.add_argument("--seeds", default="0", help="--defaults: comma-separated seeds, one run of each node per seed (0)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--warmup-steps", type=int, default=2,
+                   help="steps of an uncounted call of the same node in each run's process before the measured one (2)")
     p.add_argument("--quick", action="store_true", help="CI smoke: 1 pair, no warm-up, batch 1 / checkpointing off")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per run (1; 0 = torch's default). On a shared machine more than one "

@@ -1,5 +1,9 @@
-"""The GPU check's CPU dry-run (a reduced UNet, one step, ours and the built-in node) runs and exits 0."""
+"""The benchmark scripts run: the GPU check's CPU dry-run (a reduced UNet, one step, ours and the built-in node) and
+the per-layer adapter floor at a toy size."""
+import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -7,7 +11,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_dry_run(tmp_path):
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                              "OUT": str(tmp_path)})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "ours" in done.stdout and "exit 0" in done.stdout
+
+
+def test_layer_floor_prints_a_row_per_shape():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_layer.py"), "--widths", "16",
+                           "--tokens", "4,8"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = re.findall(r"^\s*16→(16|64)\s+(4|8) \|.*%$", done.stdout, flags=re.M)
+    assert sorted(rows) == [("16", "4"), ("16", "8"), ("64", "4"), ("64", "8")], done.stdout
