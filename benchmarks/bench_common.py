@@ -188,9 +188,7 @@ def run_builtin(model, latents, conditioning, settings: dict):
         out = TrainLoraNode.execute(model=[model], latents=singles, positive=[conditioning],
                                     **{k: [v] for k, v in settings.items()}).args
         if len(out) == 3:  # newer ComfyUI (0.33) returns (lora, loss_map, steps): apply the LoRA as its loader does
-            import comfy.sd
-
-            out = (comfy.sd.load_lora_for_models(model, None, out[0], 1.0, 0)[0], *out)
+            out = (bridge().with_lora(model, out[0]), *out)
     return out
 
 
