@@ -5,8 +5,9 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch.utils.checkpoint
 from torch import nn
+
+from .inplace_safe import checkpoint
 
 
 def repeated_blocks(root: nn.Module) -> list[nn.Module]:
@@ -25,8 +26,10 @@ def repeated_blocks(root: nn.Module) -> list[nn.Module]:
 
 
 def _checkpointed(forward, *args, **kwargs):
-    # No RNG state juggling: the models have no dropout in training here, and the global RNG must stay untouched.
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+    # Our own checkpoint, not torch.utils.checkpoint's: ComfyUI's blocks write into their inputs and intermediates,
+    # which torch's recomputation silently turns into wrong gradients (see inplace_safe). No RNG state juggling:
+    # the models have no dropout in training here, and the global RNG must stay untouched.
+    return checkpoint(forward, *args, **kwargs)
 
 
 @contextmanager

@@ -10,6 +10,7 @@ import torch
 
 from . import objectives, optimizers
 from .flat_params import FlatParams
+from .inplace_safe import CopyOnWrite, protected
 from .data import Group, micro_batches
 
 # denoise(x_t, sigma, sample_ids) -> ComfyUI's denoised estimate x̂0 for those samples (their own captions).
@@ -80,7 +81,8 @@ def sample_loss(denoise: DenoiseFn, schedule: objectives.Schedule, x0: torch.Ten
     sigma = sigma.to(x0.device)
     noise = noise.to(device=x0.device, dtype=x0.dtype)
     x_t = schedule.noisy(sigma, noise, x0)
-    with autocast(x0.device, compute_dtype):
+    # ComfyUI's model code writes into tensors in place; ``protected`` keeps backward correct through that.
+    with autocast(x0.device, compute_dtype), protected(CopyOnWrite()):
         denoised = denoise(x_t, sigma, ids)
     error = objectives.native_error(denoised, x0, schedule.output_scale(sigma, x0))
     return objectives.per_sample_loss(error, loss_function)
