@@ -41,14 +41,9 @@ def setup_comfyui() -> Path:
 
 
 def load_pack():
-    """The pack as ComfyUI loads a custom node folder: a package named after it, registered in sys.modules."""
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, str(REPO / "__init__.py"), submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
+    import harness
+
+    return harness.load_pack()
 
 
 def bridge():

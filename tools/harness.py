@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -31,6 +32,13 @@ def comfyui_dir() -> Path:
     return path
 
 
+def comfyui_version() -> str:
+    """The version of the ComfyUI tree ``comfyui_dir()`` runs (from its ``comfyui_version.py``), e.g. ``0.3.75``."""
+    text = (comfyui_dir() / "comfyui_version.py").read_text()
+    match = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return match.group(1) if match else "unknown"
+
+
 def put_comfyui_on_path() -> Path:
     """Makes ``import comfy`` work in this process (for code that builds fixtures with ComfyUI's own classes)."""
     path = comfyui_dir()
@@ -42,6 +50,21 @@ def put_comfyui_on_path() -> Path:
         # ComfyUI parses no command line when imported as a library; pick the CPU where there is no GPU.
         comfy.cli_args.args.cpu = not torch.cuda.is_available()
     return path
+
+
+def load_pack():
+    """This pack imported in-process the way ComfyUI loads a custom node folder: a package named ``PACK_NAME``."""
+    import importlib.util
+
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    put_comfyui_on_path()
+    spec = importlib.util.spec_from_file_location(PACK_NAME, str(REPO / "__init__.py"),
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:
@@ -143,6 +166,18 @@ class ComfyServer:
 
     def object_info(self, node_id: str | None = None) -> dict:
         return self.get("/object_info" + (f"/{node_id}" if node_id else ""))
+
+    def with_defaults(self, workflow: dict) -> dict:
+        """The workflow with every widget input its nodes declare but it leaves out set to the declared default
+        (inputs a newer ComfyUI added, e.g. 0.33's ``bypass`` on ``LoraModelLoader``)."""
+        out = {}
+        for node_id, node in workflow.items():
+            declared = self.object_info(node["class_type"])[node["class_type"]]["input"]
+            defaults = {name: spec[1]["default"] for group in ("required", "optional")
+                        for name, spec in declared.get(group, {}).items()
+                        if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]}
+            out[node_id] = {**node, "inputs": {**defaults, **node["inputs"]}}
+        return out
 
     def free(self) -> None:
         """Clears ComfyUI's execution cache and unloads models, so the same prompt really runs again."""
