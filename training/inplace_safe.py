@@ -114,9 +114,9 @@ class _Recording:
         self.args = [(cow.hold(a), a.requires_grad) if isinstance(a, torch.Tensor) else (a, None) for a in args]
         self.kwargs = {k: (cow.hold(v), v.requires_grad) if isinstance(v, torch.Tensor) else (v, None)
                        for k, v in kwargs.items()}
-        self.device_type = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)),
-                                "cpu")
-        self.autocast = (torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
+        # The autocast state of every device the inputs live on (and the CPU's): backward runs outside it.
+        devices = {"cpu"} | {a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+        self.autocast = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in sorted(devices)}
         self.count = 0
         self.saved: list[Held | None] | None = None
 
@@ -132,9 +132,12 @@ class _Recording:
         def keep(t: torch.Tensor) -> None:
             boxes.append(cow.hold(t))
 
-        enabled, dtype = self.autocast
-        with torch.enable_grad(), torch.autocast(self.device_type, dtype=dtype, enabled=enabled), \
-                torch.autograd.graph.saved_tensors_hooks(keep, lambda _: None), cow:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            for device, (enabled, dtype) in self.autocast.items():
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(keep, lambda _: None))
+            stack.enter_context(cow)
             args = [_fresh(v, rg) for v, rg in self.args]
             kwargs = {k: _fresh(v, rg) for k, (v, rg) in self.kwargs.items()}
             self.fn(*args, **kwargs)
