@@ -65,14 +65,19 @@ def latents_in_model_space(patcher, samples: torch.Tensor) -> torch.Tensor:
 class SampleConditioning:
     """Each sample's own conditioning, encoded once by the model (``extra_conds``) and batched on demand."""
 
-    def __init__(self, patcher, captions: list[list], latents: list[torch.Tensor], device: torch.device):
+    def __init__(self, patcher, captions: list[list], latents: list[torch.Tensor], device: torch.device, seed: int = 0):
         self.per_sample = []
         self.unchecked: int | None = None  # the sample whose layout the first training forward checks (see check)
         for i, (caption, x) in enumerate(zip(captions, latents)):
             converted = comfy.sampler_helpers.convert_cond([caption])
+            noise_like = x.unsqueeze(0)
             try:
+                # What ComfyUI's samplers pass too: some models read them (the x4 upscaler the seed of its noise
+                # augmentation; image-to-video models the latent_image as their start image when the conditioning
+                # has none). The start image is empty: the training latent itself would hand the model its target.
                 encoded = comfy.samplers.encode_model_conds(
-                    patcher.model.extra_conds, converted, x.unsqueeze(0), device, "positive")
+                    patcher.model.extra_conds, converted, noise_like, device, "positive",
+                    latent_image=torch.zeros_like(noise_like), seed=seed)
                 conds = {}
                 for k, v in encoded[0]["model_conds"].items():
                     v = v.process_cond(batch_size=1, device=device, area=None)
@@ -85,6 +90,19 @@ class SampleConditioning:
 
     def batch(self, ids: list[int]) -> dict:
         return comfy.samplers.cond_cat([self.per_sample[i] for i in ids])
+
+    def concat_groups(self, ids: list[int]) -> list[list[int]]:
+        """Positions in ``ids`` split into runs whose conditionings ComfyUI can batch (``cond_equal_size``, as its
+        samplers decide), e.g. captions of different token lengths go to different forwards. Usually one group."""
+        groups: list[list[int]] = []
+        for pos, i in enumerate(ids):
+            for group in groups:
+                if comfy.samplers.cond_equal_size(self.per_sample[ids[group[0]]], self.per_sample[i]):
+                    group.append(pos)
+                    break
+            else:
+                groups.append([pos])
+        return groups
 
     @staticmethod
     def misfit(i: int, error: Exception) -> ValueError:
@@ -116,13 +134,24 @@ def denoiser(patcher, conditioning: SampleConditioning):
     transformer_options = dict(patcher.model_options.get("transformer_options", {}))
     unchecked = conditioning.unchecked
 
+    def apply(x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        kwargs = conditioning.batch(ids)
+        return patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options, **kwargs)
+
+    def batched(x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        groups = conditioning.concat_groups(ids)
+        if len(groups) == 1:
+            return apply(x_t, sigma, ids)
+        parts = [apply(x_t[g], sigma[g], [ids[p] for p in g]) for g in groups]
+        order = torch.tensor([p for g in groups for p in g], device=x_t.device)
+        return torch.cat(parts)[torch.argsort(order)]  # back in the micro-batch's order
+
     def denoise(x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int]) -> torch.Tensor:
         nonlocal unchecked
-        kwargs = conditioning.batch(ids)
         if unchecked is None:
-            return patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options, **kwargs)
+            return batched(x_t, sigma, ids)
         try:
-            out = patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options, **kwargs)
+            out = batched(x_t, sigma, ids)
         except (comfy.model_management.InterruptProcessingException, torch.cuda.OutOfMemoryError):
             raise
         except Exception as e:

@@ -14,15 +14,17 @@ def one(values, name: str):
 
 
 def latent_samples(latents) -> list[torch.Tensor]:
-    """Every image of one LATENT batch or of a list of LATENTs, as single latents (C, [T,] H, W)."""
+    """Every image of one LATENT batch or of a list of LATENTs, as single latents (C, [T,] H, W), or (C, N) for 3-D
+    shape models."""
     items = latents if isinstance(latents, list) else [latents]
     out: list[torch.Tensor] = []
     for i, item in enumerate(items):
         samples = item.get("samples") if isinstance(item, dict) else None
         if not torch.is_tensor(samples):
             raise ValueError(f"latents: item {i} is not a LATENT (no 'samples' tensor)")
-        if samples.ndim not in (4, 5):
-            raise ValueError(f"latents: item {i} has shape {tuple(samples.shape)}; expected 4-D images or 5-D video")
+        if samples.ndim not in (3, 4, 5):
+            raise ValueError(f"latents: item {i} has shape {tuple(samples.shape)}; expected 4-D images, 5-D video "
+                             "or 3-D shape latents (Hunyuan 3D)")
         out.extend(samples[b].detach().clone().float() for b in range(samples.shape[0]))
     if not out:
         raise ValueError("latents: the data set is empty (0 images)")
@@ -43,11 +45,16 @@ def _split_entry(entry: list) -> list[list]:
     return out
 
 
+def _caption_entries(cond: list) -> list[list]:
+    """One CONDITIONING as single-caption entries."""
+    return [piece for entry in cond for piece in _split_entry(entry)]
+
+
 def captions_for(positive, count: int) -> list[list]:
     """One conditioning entry per image: a single one is repeated; otherwise the counts must match."""
     items = positive if isinstance(positive, list) and positive and isinstance(positive[0], list) and \
         positive[0] and isinstance(positive[0][0], list) else [positive]
-    entries = [piece for cond in items for entry in cond for piece in _split_entry(entry)]
+    entries = [piece for cond in items for piece in _caption_entries(cond)]
     if not entries:
         raise ValueError("positive: no conditioning given")
     if len(entries) == 1:
@@ -56,3 +63,17 @@ def captions_for(positive, count: int) -> list[list]:
         raise ValueError(f"positive: {len(entries)} conditionings for {count} latent images; "
                          "give one per image or a single one for all")
     return entries
+
+
+def check_pairing(latents, positive) -> None:
+    """A list of LATENTs and a list of CONDITIONINGs pair item by item: item i of one holds as many images as item
+    i of the other holds captions. Equal totals with another split mean they come from different nodes (e.g. a
+    ResolutionBucket's latents with MakeTrainingDataset's conditioning): images would get other images' captions."""
+    if not (isinstance(latents, list) and len(latents) > 1 and isinstance(positive, list) and len(positive) > 1):
+        return
+    images = [item["samples"].shape[0] for item in latents]
+    captions = [len(_caption_entries(cond)) for cond in positive]
+    if sum(captions) == sum(images) and captions != images:
+        raise ValueError(f"positive: its items hold {captions} captions but the latents' items hold {images} images; "
+                         "connect latents and positive from the same node (e.g. both from ResolutionBucket) so each "
+                         "image keeps its own caption")

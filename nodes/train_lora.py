@@ -104,6 +104,7 @@ class TrainLoRA:
                existing_lora, alpha=0.0, module_filter="", train_biases_and_norms=False):
         samples = inputs.latent_samples(latents)
         captions = inputs.captions_for(positive, len(samples))
+        inputs.check_pairing(latents, positive)
         existing = None
         if existing_lora and existing_lora != lora_files.NONE:
             existing = lora_files.read_lora(existing_lora)
@@ -133,7 +134,7 @@ class TrainLoRA:
                                              train_biases_and_norms)
                 previous = 0
             adapters.to(device)
-            conditioning = comfy_bridge.SampleConditioning(clone, captions, x0, device)
+            conditioning = comfy_bridge.SampleConditioning(clone, captions, x0, device, seed)
             conditioning.check(clone, x0)
             schedule = comfy_bridge.ComfySchedule(clone.model.model_sampling, device)
             # ComfyUI raises InterruptProcessingException on cancel from its ops and its progress bar: the loop

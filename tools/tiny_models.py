@@ -17,23 +17,26 @@ SD15_LATENT_CHANNELS = 4
 SD15_CONTEXT_DIM = 64
 
 
+def seeded_tensor(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Fan-in scaled normals for weights (2-D and up), small normals for 1-D tensors (biases, norms)."""
+    if len(shape) >= 2:
+        return torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+    return torch.randn(shape, generator=gen) * 0.02
+
+
 def _randomise(module: torch.nn.Module, seed: int) -> None:
-    """Fills every parameter and buffer with seeded values: fan-in scaled normals for weights, small ones for 1-D."""
+    """Fills every floating-point parameter and buffer with ``seeded_tensor`` values, in key order."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(module.state_dict(keep_vars=True).items(), key=lambda kv: kv[0]):
-            if not p.is_floating_point():
-                continue
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                values = torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)
-            else:
-                values = torch.randn(p.shape, generator=gen) * 0.02
-            p.copy_(values.to(p.dtype))
+            if p.is_floating_point():
+                p.copy_(seeded_tensor(tuple(p.shape), gen).to(p.dtype))
 
 
-def tiny_sd3_state_dict(seed: int = 0, depth: int = 2) -> dict[str, torch.Tensor]:
-    """A plain MMDiT state dict that ComfyUI's standard loader detects as SD3 (flow matching)."""
+def tiny_sd3_state_dict(seed: int = 0, depth: int = 2, context_dim: int = SD3_CONTEXT_DIM,
+                        pooled_dim: int = SD3_POOLED_DIM) -> dict[str, torch.Tensor]:
+    """A plain MMDiT state dict that ComfyUI's standard loader detects as SD3 (flow matching); detection reads the
+    context and pooled widths from the weights, so they can match a real text encoder's output."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
@@ -42,10 +45,10 @@ def tiny_sd3_state_dict(seed: int = 0, depth: int = 2) -> dict[str, torch.Tensor
         patch_size=2,
         in_channels=SD3_LATENT_CHANNELS,
         depth=depth,
-        adm_in_channels=SD3_POOLED_DIM,
+        adm_in_channels=pooled_dim,
         context_embedder_config={
             "target": "torch.nn.Linear",
-            "params": {"in_features": SD3_CONTEXT_DIM, "out_features": hidden},
+            "params": {"in_features": context_dim, "out_features": hidden},
         },
         pos_embed_max_size=32,
         num_patches=32 * 32,

@@ -48,6 +48,24 @@ def train(model: dict, data: dict, *, save_prefix: str | None = "trained/test", 
     return wf
 
 
+def family_matrix(unet_name: str, family: str, steps: int = 2) -> dict:
+    """A generated model through "Load Diffusion Model", trained with checkpointing on and off (node defaults
+    otherwise); each LoRA applied by ComfyUI's own LoraModelLoader and its outputs compared with the base model's."""
+    wf = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
+          "data": {"class_type": "LoraTrainerTest_FamilyData", "inputs": {"family": family, "count": 2, "seed": 0}}}
+    for checkpointing in (True, False):
+        tag = "ckpt" if checkpointing else "plain"
+        wf[f"train_{tag}"] = {"class_type": TRAIN, "inputs": {
+            "model": ["model", 0], "latents": ["data", 0], "positive": ["data", 1],
+            **TRAIN_DEFAULTS, "steps": steps, "gradient_checkpointing": checkpointing}}
+        wf[f"lora_{tag}"] = {"class_type": "LoraModelLoader", "inputs": {
+            "model": ["model", 0], "lora": [f"train_{tag}", 1], "strength_model": 1.0}}
+        wf[f"cmp_{tag}"] = {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
+            "model_a": ["model", 0], "model_b": [f"lora_{tag}", 0], "latents": ["data", 0], "positive": ["data", 1],
+            "nonce": 0, "points": 1}}  # one noise level: for the big fixed-width models each forward counts
+    return wf
+
+
 def demo(dataset: str = "demo.safetensors", steps: int = 40) -> dict:
     """The demo: the tiny SD3 model and the demo data set, trained, saved, plotted."""
     return train(sd3_model(), dataset_file(dataset), save_prefix="demo/demo_lora", loss_graph="demo/loss_graph",
@@ -55,21 +73,34 @@ def demo(dataset: str = "demo.safetensors", steps: int = 40) -> dict:
                  gradient_checkpointing=False)
 
 
+def folder_dataset(folder: str, vae: list, clip: list, video: bool = False) -> dict:
+    """ComfyUI's own data-set nodes: the images (or videos) of an input subfolder and their caption .txt files,
+    encoded into one LATENT and one CONDITIONING per file (lists). Its "data" node plugs into ``train`` like a data
+    source. Videos (ComfyUI 0.33+) are split into frames, which a video VAE encodes into one 5-D latent per video."""
+    if video:
+        nodes = {"videos": {"class_type": "LoadVideoTextDataSetFromFolder", "inputs": {"folder": folder}},
+                 "images": {"class_type": "GetVideoComponents", "inputs": {"video": ["videos", 0]}}}
+        texts = ["videos", 1]
+    else:
+        nodes = {"images": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": folder}}}
+        texts = ["images", 1]
+    nodes["data"] = {"class_type": "MakeTrainingDataset", "inputs": {
+        "images": ["images", 0], "texts": texts, "vae": vae, "clip": clip}}
+    return nodes
+
+
 def real_world() -> dict:
-    """Checkpoint loader → load image → VAE encode → CLIP text encode → train → save LoRA → loss graph."""
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
-        "image": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-        "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["image", 0], "vae": ["ckpt", 2]}},
-        "caption": {"class_type": "CLIPTextEncode", "inputs": {
-            "text": "photo of sks dog sitting on grass", "clip": ["ckpt", 1]}},
-        "train": {"class_type": TRAIN, "inputs": {
-            "model": ["ckpt", 0], "latents": ["encode", 0], "positive": ["caption", 0],
-            **TRAIN_DEFAULTS, "steps": 500, "learning_rate": 0.0001, "rank": 16}},
-        "save": {"class_type": "LoraTrainer_SaveLoRA", "inputs": {
-            "lora": ["train", 1], "prefix": "trained/my_lora", "steps": ["train", 3]}},
-        "graph": {"class_type": "LoraTrainer_LossGraph", "inputs": {"loss": ["train", 2], "filename_prefix": "loss_graph"}},
+    """A Flux dev LoRA from a folder of images with captions: Flux's usual loaders (diffusion model in fp8 to fit
+    training on a 24 GB GPU, CLIP-L + T5-XXL, its VAE) → ComfyUI's data-set nodes → train → save LoRA → loss graph."""
+    loaders = {
+        "model": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors",
+                                                         "weight_dtype": "fp8_e4m3fn"}},
+        "clip": {"class_type": "DualCLIPLoader", "inputs": {
+            "clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
     }
+    return train(loaders, folder_dataset("my_dataset", vae=["vae", 0], clip=["clip", 0]), save_prefix="flux/my_lora",
+                 loss_graph="loss_graph", steps=500, learning_rate=0.0001, rank=16)
 
 
 TEMPLATES = {"lora_trainer_demo_tiny_model": demo, "lora_trainer_real_world": real_world}

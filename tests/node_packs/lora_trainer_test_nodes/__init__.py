@@ -116,18 +116,20 @@ class CompareModels:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model_a": ("MODEL",), "model_b": ("MODEL",), "latents": ("LATENT",),
-                             "positive": ("CONDITIONING",), "nonce": ("INT", {"default": 0, "min": 0})}}
+                             "positive": ("CONDITIONING",), "nonce": ("INT", {"default": 0, "min": 0})},
+                "optional": {"points": ("INT", {"default": 3, "min": 1, "max": 16,
+                                                "tooltip": "noise levels per latent (each is one forward per model)"})}}
 
     RETURN_TYPES = ()
     OUTPUT_NODE = True
     FUNCTION = "run"
     CATEGORY = "testing"
 
-    def run(self, model_a, model_b, latents, positive, nonce):
+    def run(self, model_a, model_b, latents, positive, nonce, points=3):
         import hashlib
 
-        a, _ = eval_loss.denoised_and_errors(model_a, latents["samples"], positive, 5, points=3)
-        b, _ = eval_loss.denoised_and_errors(model_b, latents["samples"], positive, 5, points=3)
+        a, _ = eval_loss.denoised_and_errors(model_a, latents["samples"], positive, 5, points=points)
+        b, _ = eval_loss.denoised_and_errors(model_b, latents["samples"], positive, 5, points=points)
         rel = float((a - b).norm() / a.norm().clamp_min(1e-12))
         digest = lambda t: hashlib.sha256(t.numpy().tobytes()).hexdigest()
         return {"ui": {"rel_diff": [rel], "digest_a": [digest(a)], "digest_b": [digest(b)]}}
@@ -140,3 +142,14 @@ NODE_CLASS_MAPPINGS = {
     "LoraTrainerTest_TinyTrainingData": TinyTrainingData,
     "LoraTrainerTest_LatentList": LatentList,
 }
+
+from .training_probe import RecordTrainingCalls, TrainingPairs  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update({
+    "LoraTrainerTest_RecordTrainingCalls": RecordTrainingCalls,
+    "LoraTrainerTest_TrainingPairs": TrainingPairs,
+})
+
+from .family_data import FamilyData  # noqa: E402
+
+NODE_CLASS_MAPPINGS["LoraTrainerTest_FamilyData"] = FamilyData

@@ -1,0 +1,82 @@
+"""Every model family ComfyUI's "Load Diffusion Model" detects trains at the node's defaults through the real server.
+
+Per family (tools/family_models.py): a generated model at the smallest size the running ComfyUI detects, loaded by
+UNETLoader from models/diffusion_models, trained 2 steps with gradient checkpointing on and off in one prompt (the
+model loads once); each LoRA goes through ComfyUI's own LoraModelLoader, which must load every key, and must change
+the model's output. A family the running ComfyUI cannot test (no such model class, too big for CI) is skipped with
+the reason. Generated files are cached in .cache/family_models/<ComfyUI version>/ (git-ignored).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pytest
+
+import family_models as fm
+import harness
+import workflows as wfs
+
+# Beyond this, one family needs minutes and several GB (fp32 on the CPU, plus ComfyUI's patch backups) on CI's
+# 2-core, 24 GB machine. FAMILY_MATRIX_MAX_PARAMETERS lowers it on slower machines (or raises it on bigger ones).
+MAX_PARAMETERS = int(os.environ.get("FAMILY_MATRIX_MAX_PARAMETERS", 1_000_000_000))
+LOG_FAILURES = ("lora key not loaded", "unet missing", "unet unexpected")
+
+
+@pytest.fixture(scope="module")
+def cache_dir():
+    return harness.REPO / ".cache" / "family_models" / harness.comfyui_version()
+
+
+def untestable_reason(family: fm.Family) -> str:
+    """Why the running ComfyUI cannot test this family, or "" (needs ComfyUI importable: the server fixture)."""
+    import comfy.supported_models
+
+    version = harness.comfyui_version()
+    if not hasattr(comfy.supported_models, family.detected_as):
+        return f"ComfyUI {version} has no {family.detected_as} model"
+    return family.untestable or upstream_bug(family)
+
+
+def upstream_bug(family: fm.Family) -> str:
+    """A ComfyUI bug that makes a family untrainable for every trainer on the running version, or ""."""
+    predict2 = harness.comfyui_dir() / "comfy" / "ldm" / "cosmos" / "predict2.py"
+    if family.detected_as in ("CosmosT2IPredict2", "CosmosI2VPredict2") and predict2.is_file():
+        if "rms_rope_split_half" in predict2.read_text():
+            return (f"ComfyUI {harness.comfyui_version()}'s Cosmos Predict2 attention calls the fused "
+                    "comfy_kitchen.rms_rope_split_half op without an in_training guard; the op has no backward, so "
+                    "no trainer can train this model there")
+    return ""
+
+
+@pytest.mark.parametrize("name", [f.name for f in fm.FAMILIES])
+def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
+    family = fm.BY_NAME[name]
+    reason = untestable_reason(family)
+    if reason:
+        pytest.skip(reason)
+    built = fm.build(family)
+    if built.parameters > MAX_PARAMETERS:
+        pytest.skip(f"the smallest {family.detected_as} ComfyUI {harness.comfyui_version()} detects has "
+                    f"{built.parameters / 1e9:.2f} B parameters (width {built.width}), over the "
+                    f"{MAX_PARAMETERS / 1e9:.2f} B this matrix trains on a CPU (FAMILY_MATRIX_MAX_PARAMETERS)")
+    start = time.monotonic()
+    path = fm.write(family, built, cache_dir)
+    link = server.base_dir / "models" / "diffusion_models" / path.name
+    if not link.exists():
+        link.symlink_to(path)
+    generated = time.monotonic()
+
+    server.free()  # the previous family's model leaves memory before this one loads
+    log_start = len(server.log_text())
+    entry = server.run(server.with_defaults(wfs.family_matrix(path.name, name)))
+    log = server.log_text()[log_start:]
+    print(f"{name}: {built.parameters / 1e6:.1f} M parameters (width {built.width}); "
+          f"file {generated - start:.1f} s, prompt {time.monotonic() - generated:.1f} s")
+
+    for failure in LOG_FAILURES:
+        assert failure not in log, next(line for line in log.splitlines() if failure in line)
+    for tag in ("ckpt", "plain"):
+        rel = entry["outputs"][f"cmp_{tag}"]["rel_diff"][0]
+        assert math.isfinite(rel) and rel > 0, f"checkpointing {tag}: LoRA changed the output by {rel}"
