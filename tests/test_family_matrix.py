@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,15 @@ def upstream_bug(family: fm.Family) -> str:
     return ""
 
 
+def installed(server, family: fm.Family, built, cache_dir) -> Path:
+    """The family's generated model file (cached), where the server's "Load Diffusion Model" lists it."""
+    path = fm.write(family, built, cache_dir)
+    link = server.base_dir / "models" / "diffusion_models" / path.name
+    if not link.exists():
+        link.symlink_to(path)
+    return path
+
+
 @pytest.mark.parametrize("name", [f.name for f in fm.FAMILIES])
 def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
     family = fm.BY_NAME[name]
@@ -62,10 +72,7 @@ def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
                     f"{built.parameters / 1e9:.2f} B parameters (width {built.width}), over the "
                     f"{MAX_PARAMETERS / 1e9:.2f} B this matrix trains on a CPU (FAMILY_MATRIX_MAX_PARAMETERS)")
     start = time.monotonic()
-    path = fm.write(family, built, cache_dir)
-    link = server.base_dir / "models" / "diffusion_models" / path.name
-    if not link.exists():
-        link.symlink_to(path)
+    path = installed(server, family, built, cache_dir)
     generated = time.monotonic()
 
     server.free()  # the previous family's model leaves memory before this one loads
@@ -80,3 +87,27 @@ def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
     for tag in ("ckpt", "plain"):
         rel = entry["outputs"][f"cmp_{tag}"]["rel_diff"][0]
         assert math.isfinite(rel) and rel > 0, f"checkpointing {tag}: LoRA changed the output by {rel}"
+
+
+@pytest.mark.parametrize("name", ["wan21_t2v", "hunyuan_video", "ltxv"])
+def test_video_trains_on_clips_of_different_lengths(server, cache_dir, name):
+    """A list of clips of 2 and 3 latent frames, each with its own caption, trains at the defaults (they go to
+    different same-shape groups); the LoRA changes the model's output on both clips."""
+    family = fm.BY_NAME[name]
+    path = installed(server, family, fm.build(family), cache_dir)
+    wf = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": path.name, "weight_dtype": "default"}},
+          "data": {"class_type": "LoraTrainerTest_VideoClips", "inputs": {"family": name, "frames": "2,3", "seed": 0}}}
+    wf = wfs.train(wf, {}, save_prefix=None, steps=4)
+    wf["lora"] = {"class_type": "LoraModelLoader", "inputs": {
+        "model": ["model", 0], "lora": ["train", 1], "strength_model": 1.0}}
+    wf["cmp"] = {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
+        "model_a": ["model", 0], "model_b": ["lora", 0], "latents": ["data", 0], "positive": ["data", 1],
+        "nonce": 0, "points": 1}}
+    server.free()
+    log_start = len(server.log_text())
+    entry = server.run(server.with_defaults(wf))
+    assert "lora key not loaded" not in server.log_text()[log_start:]
+    losses = entry["outputs"]["train"]["lora_trainer_loss"]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    rel = entry["outputs"]["cmp"]["rel_diff"]
+    assert len(rel) == 2 and min(rel) > 0, f"the LoRA changes the output on both clips: {rel}"

@@ -150,6 +150,7 @@ NODE_CLASS_MAPPINGS.update({
     "LoraTrainerTest_TrainingPairs": TrainingPairs,
 })
 
-from .family_data import FamilyData  # noqa: E402
+from .family_data import FamilyData, VideoClips  # noqa: E402
 
 NODE_CLASS_MAPPINGS["LoraTrainerTest_FamilyData"] = FamilyData
+NODE_CLASS_MAPPINGS["LoraTrainerTest_VideoClips"] = VideoClips
