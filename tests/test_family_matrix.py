@@ -111,3 +111,30 @@ def test_video_trains_on_clips_of_different_lengths(server, cache_dir, name):
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     rel = entry["outputs"]["cmp"]["rel_diff"]
     assert len(rel) == 2 and min(rel) > 0, f"the LoRA changes the output on both clips: {rel}"
+
+
+@pytest.mark.parametrize("name", ["flux_dev", "ltxv"])
+def test_trains_on_top_of_a_bypass_lora(server, cache_dir, name):
+    """ComfyUI 0.33 can apply a LoRA as forward hooks ("bypass") instead of patching weights: a new LoRA trains on
+    top of such a model, through in-place blocks, with checkpointing on and off, and adds to the upstream one."""
+    spec = server.object_info("LoraModelLoader")["LoraModelLoader"]["input"]
+    if "bypass" not in {**spec.get("required", {}), **spec.get("optional", {})}:
+        pytest.skip(f"ComfyUI {harness.comfyui_version()}'s LoraModelLoader has no bypass mode")
+    family = fm.BY_NAME[name]
+    built = fm.build(family)
+    if built.parameters > MAX_PARAMETERS / 4:
+        pytest.skip(f"{name} is {built.parameters / 1e6:.0f} M parameters on this ComfyUI: the matrix covers it")
+    path = installed(server, family, built, cache_dir)
+    wf = wfs.family_matrix(path.name, name)
+    wf["upstream"] = {"class_type": "LoraModelLoader", "inputs": {
+        "model": ["model", 0], "lora": ["train_plain", 1], "strength_model": 1.0, "bypass": True}}
+    for tag in ("ckpt", "plain"):  # the second trainings start from the bypass model
+        wf[f"again_{tag}"] = {**wf[f"train_{tag}"], "inputs": {**wf[f"train_{tag}"]["inputs"], "model": ["upstream", 0],
+                                                                "seed": 1}}
+        wf[f"cmp_{tag}"]["inputs"].update(model_a=["upstream", 0], model_b=[f"again_{tag}", 0])
+    server.free()
+    entry = server.run(server.with_defaults(wf))
+    for tag in ("ckpt", "plain"):
+        assert all(math.isfinite(v) for v in entry["outputs"][f"again_{tag}"]["lora_trainer_loss"])
+        rel = entry["outputs"][f"cmp_{tag}"]["rel_diff"][0]
+        assert math.isfinite(rel) and rel > 0, f"checkpointing {tag}: the new LoRA changed the output by {rel}"
