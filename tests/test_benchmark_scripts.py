@@ -1,5 +1,6 @@
-"""The benchmark scripts run: the GPU check's CPU dry-run (a reduced UNet, one step, ours and the built-in node) and
-the per-layer adapter floor at a toy size."""
+"""The benchmark scripts run: the GPU check's CPU dry-run (a reduced SDXL UNet, one step, ours and the built-in node;
+a reduced fp8 Flux dev) and the per-layer adapter floor at a toy size."""
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,10 @@ def test_gpu_check_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "ours" in done.stdout and "exit 0" in done.stdout
+    cases = {c["case"]["model"]: c for c in json.loads((tmp_path / "bench_gpu_dry.json").read_text())["cases"]}
+    assert set(cases) == {"sdxl", "flux"}
+    flux = {r["node"]: r for r in cases["flux"]["runs"]}
+    assert "error" not in flux["ours"] and flux["ours"]["dtype"] == "torch.float8_e4m3fn", flux
 
 
 def test_layer_floor_prints_a_row_per_shape():
