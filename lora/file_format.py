@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -52,13 +53,44 @@ def stored_steps(metadata: dict[str, str] | None) -> int | None:
     return None
 
 
+TEMP_PREFIX = ".tmp_"
+# The temporary file's extension is none that ComfyUI lists as a model, so a save killed half-way never shows up in
+# a loader's list; such leftovers are removed by a later save into the same folder once they are this old.
+TEMP_SUFFIX = ".partial"
+STALE_TEMP_S = 3600
+NAME_MAX_BYTES = 255  # one path component, on every common file system
+# A name prefix's last part leaves room for what saving appends: "_<steps>_steps", "_00001", ".safetensors".
+STEM_MAX_BYTES = NAME_MAX_BYTES - 55
+
+
+def check_name_parts(parts: list[str], what: str) -> None:
+    """A clear error naming the input for a name no file system can hold (instead of a raw ``OSError``)."""
+    for i, part in enumerate(parts):
+        limit = STEM_MAX_BYTES if i == len(parts) - 1 else NAME_MAX_BYTES
+        size = len(part.encode())
+        if size > limit:
+            raise ValueError(f"{what}: '{part[:40]}...' is {size} bytes long; a name part may have at most {limit} "
+                             "(file systems allow 255 per file or folder name): use a shorter name")
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    now = time.time()
+    for old in directory.glob(TEMP_PREFIX + "*"):
+        try:
+            if now - old.stat().st_mtime > STALE_TEMP_S:
+                old.unlink()
+        except OSError:
+            pass  # another process removed it first, or it is not ours to remove
+
+
 def save_new(directory: Path, stem: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Writes ``<stem>_NNNNN.safetensors`` with the first free counter. The file appears complete or not at all, and
     an existing file is never replaced (the final name is claimed with a hard link, which fails if it exists)."""
     import safetensors.torch
 
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=directory)
+    _remove_stale_temps(directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=directory)
     os.close(fd)
     try:
         safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)

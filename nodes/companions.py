@@ -10,7 +10,7 @@ import torch
 
 import folder_paths
 
-from ..lora.file_format import META, build_metadata, save_new
+from ..lora.file_format import META, build_metadata, check_name_parts, save_new
 from .loss_chart import loss_chart
 from . import comfy_bridge, lora_files
 
@@ -21,6 +21,7 @@ def confined(base: Path, prefix: str, what: str) -> tuple[Path, str]:
     parts = [p for p in prefix.split("/") if p not in ("", ".")]
     if not parts or any(p == ".." for p in parts) or os.path.isabs(prefix):
         raise ValueError(f"{what}: '{prefix}' must be a relative name inside {base} (no '..')")
+    check_name_parts(parts, what)
     directory = base.joinpath(*parts[:-1]).resolve()
     if not directory.is_relative_to(base.resolve()):
         raise ValueError(f"{what}: '{prefix}' leaves {base}")

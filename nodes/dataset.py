@@ -9,7 +9,7 @@ from pathlib import Path
 
 import folder_paths
 
-from ..lora.file_format import save_new
+from ..lora.file_format import TEMP_PREFIX, save_new
 from ..training.dataset_file import pack, unpack
 from . import inputs
 from .companions import confined
@@ -22,7 +22,11 @@ def dataset_dir() -> Path:
 
 def dataset_choices() -> list[str]:
     root = dataset_dir()
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    # Temporary files of an interrupted save (older versions named them *.safetensors) are never offered.
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")
+                  if not p.name.startswith(TEMP_PREFIX))
 
 
 class SaveTrainingDataset:

@@ -8,14 +8,17 @@ import torch
 
 import folder_paths
 
-from ..lora.file_format import stored_steps
+from ..lora.adapter_set import holds_adapters
+from ..lora.file_format import TEMP_PREFIX, stored_steps
 
 log = logging.getLogger("lora_trainer")
 NONE = "[None]"
 
 
 def lora_choices() -> list[str]:
-    return [NONE] + [f for f in folder_paths.get_filename_list("loras") if f.endswith(".safetensors")]
+    # Temporary files of an interrupted save (older versions named them *.safetensors) are never offered.
+    return [NONE] + [f for f in folder_paths.get_filename_list("loras")
+                     if f.endswith(".safetensors") and not Path(f).name.startswith(TEMP_PREFIX)]
 
 
 def main_lora_dir() -> Path:
@@ -38,6 +41,9 @@ def read_lora(name: str, what: str = "existing_lora") -> tuple[dict[str, torch.T
             metadata = f.metadata() or {}
     except Exception as e:
         raise ValueError(f"{what}: '{name}' is not a readable safetensors file ({e})") from None
+    if tensors and not holds_adapters(tensors):
+        raise ValueError(f"{what}: '{name}' is not a LoRA file (it holds full model weights, "
+                         f"e.g. '{next(iter(tensors))}'); pick a LoRA, or [None] to start a new one")
     return tensors, metadata, Path(path)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lora import file_format  # noqa: E402
-from lora.adapter_set import AdapterSet, LoraFileError, split_keys  # noqa: E402
+from lora.adapter_set import AdapterSet, LoraFileError, holds_adapters, split_keys  # noqa: E402
 from lora.algorithms import ALGORITHMS, detect  # noqa: E402
 from lora.injection import attached  # noqa: E402
 from lora.layer_spec import LayerSpec  # noqa: E402
@@ -553,3 +553,11 @@ def test_stored_steps_odd_digits_give_none():
 def test_lora_weights_is_a_plain_dict_with_metadata():
     w = file_format.LoraWeights({"a.alpha": torch.tensor(1.0)}, {"k": "v"})
     assert isinstance(w, dict) and dict(w).keys() == {"a.alpha"} and w.metadata == {"k": "v"}
+
+
+def test_holds_adapters_tells_a_lora_from_model_weights():
+    t = torch.zeros(2, 2)
+    assert holds_adapters({"diffusion_model.x.lora_up.weight": t, "diffusion_model.x.alpha": t[0, 0]})
+    assert holds_adapters({"diffusion_model.x.hada_w1_a": t})
+    assert holds_adapters({"diffusion_model.norm.diff": t[0]})  # a file of bias/norm offsets only
+    assert not holds_adapters({"x_embedder.proj.weight": t, "x_embedder.proj.bias": t[0], "blocks.0.alpha": t[0]})
