@@ -57,9 +57,29 @@ def base_model_name(patcher) -> str:
     return type(patcher.model.model_config).__name__
 
 
-def latents_in_model_space(patcher, samples: torch.Tensor) -> torch.Tensor:
-    """Applies the model's latent format (scale/shift), as ComfyUI's samplers do before denoising."""
-    return patcher.model.process_latent_in(samples)
+def latent_dims(patcher) -> tuple[int, str]:
+    """(spatial dimensions, model name) of the latents the model takes, from its latent format."""
+    return getattr(patcher.model.latent_format, "latent_dimensions", 2), base_model_name(patcher)
+
+
+def latents_in_model_space(patcher, samples: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Applies the model's latent format (scale/shift, frame folding), as ComfyUI's samplers do before denoising,
+    and checks the channels it gives against what the model takes: a latent from another VAE is blamed on
+    ``latents`` before any forward."""
+    fmt = patcher.model.latent_format
+    out = []
+    for i, sample in enumerate(samples):
+        try:
+            x = patcher.model.process_latent_in(sample.unsqueeze(0).to(device))[0]
+        except RuntimeError as e:  # per-channel statistics that do not broadcast
+            raise ValueError(f"latents: image {i} (shape {tuple(sample.shape)}) does not fit this "
+                             f"{base_model_name(patcher)} model's latent format ({e})") from None
+        if x.shape[0] != fmt.latent_channels:
+            raise ValueError(f"latents: image {i} has {sample.shape[0]} channels (shape {tuple(sample.shape)}); "
+                             f"this {base_model_name(patcher)} model takes latents of its own VAE "
+                             f"({fmt.latent_channels} channels in its latent space)")
+        out.append(x)
+    return out
 
 
 class SampleConditioning:

@@ -13,9 +13,10 @@ def one(values, name: str):
     return values
 
 
-def latent_samples(latents) -> list[torch.Tensor]:
+def latent_samples(latents, model_dims: tuple[int, str] | None = None) -> list[torch.Tensor]:
     """Every image of one LATENT batch or of a list of LATENTs, as single latents (C, [T,] H, W), or (C, N) for 3-D
-    shape models."""
+    shape models. ``model_dims`` = (spatial dimensions, model name) the model takes: each item is checked against it
+    before anything runs, so a wrong latent is blamed on ``latents``, not on a crash inside the model."""
     items = latents if isinstance(latents, list) else [latents]
     out: list[torch.Tensor] = []
     for i, item in enumerate(items):
@@ -25,10 +26,19 @@ def latent_samples(latents) -> list[torch.Tensor]:
         if samples.ndim not in (3, 4, 5):
             raise ValueError(f"latents: item {i} has shape {tuple(samples.shape)}; expected 4-D images, 5-D video "
                              "or 3-D shape latents (Hunyuan 3D)")
+        if model_dims is not None:
+            _check_dims(i, tuple(samples.shape), *model_dims)
         out.extend(samples[b].detach().clone().float() for b in range(samples.shape[0]))
     if not out:
         raise ValueError("latents: the data set is empty (0 images)")
     return out
+
+
+def _check_dims(i: int, shape: tuple[int, ...], dims: int, model: str) -> None:
+    kinds = {1: "3-D (B, C, N)", 2: "4-D images (B, C, H, W)", 3: "5-D video (B, C, T, H, W)"}
+    if len(shape) - 2 != dims:
+        raise ValueError(f"latents: item {i} has shape {shape}; this {model} model takes "
+                         f"{kinds.get(dims, f'{dims + 2}-D')} latents")
 
 
 def _split_entry(entry: list) -> list[list]:

@@ -102,7 +102,7 @@ class TrainLoRA:
     def _train(self, model, latents, positive, node_id, *, batch_size, grad_accumulation_steps, steps, learning_rate,
                rank, optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
                existing_lora, alpha=0.0, module_filter="", train_biases_and_norms=False):
-        samples = inputs.latent_samples(latents)
+        samples = inputs.latent_samples(latents, comfy_bridge.latent_dims(model))
         captions = inputs.captions_for(positive, len(samples))
         inputs.check_pairing(latents, positive)
         existing = None
@@ -121,7 +121,7 @@ class TrainLoRA:
 
         with torch.inference_mode(False), comfy_bridge.trainable_model(model, manual_cast) as clone:
             root = clone.model.diffusion_model
-            x0 = [comfy_bridge.latents_in_model_space(clone, s.unsqueeze(0).to(device))[0] for s in samples]
+            x0 = comfy_bridge.latents_in_model_space(clone, samples, device)
             groups = group_by_shape(x0)
             if existing is not None:
                 adapters = AdapterSet.from_modules(root, comfy_bridge.modules_of_file(clone, existing[0]))

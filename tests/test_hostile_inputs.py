@@ -55,3 +55,18 @@ def test_leftovers_of_a_killed_save_are_never_listed_and_are_cleaned_up(server):
     server.run(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), save_prefix="killed/next", steps=1, **FAST))
     assert not old_style.exists() and not new_style.exists(), "stale temporary files are removed by the next save"
     assert [p.name for p in (loras / "killed").iterdir()] == ["next_1_steps_00001.safetensors"]
+
+
+@pytest.mark.parametrize("family, message", [
+    ("sd15", r"latents: image 0 has 4 channels \(shape \(4, 8, 8\)\); this SD3 model takes latents of its own VAE "
+             r"\(16 channels"),
+    ("wan", r"latents: item 0 has shape \(4, 16, 3, 8, 8\); this SD3 model takes 4-D images"),
+])
+def test_latents_that_do_not_fit_the_model_are_blamed_on_latents(server, family, message):
+    """Checked against the model's latent format before any forward (they used to surface as a conditioning misfit
+    or an IndexError from inside the model)."""
+    wf = wfs.train(wfs.sd3_model(), wfs.test_data(family), save_prefix="hostile/latents", steps=1, **FAST)
+    wf["sd3_captions"] = wfs.test_data("sd3")["data"]
+    wf["train"]["inputs"]["positive"] = ["sd3_captions", 1]
+    with pytest.raises(harness.PromptError, match=message):
+        server.run(wf)
