@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .finite import first_non_finite
+
 MODEL_PREFIX = "diffusion_model."
 META = "lora_trainer."  # our metadata keys; kohya-style "ss_*" keys are written too so other tools show them
 
@@ -83,11 +85,15 @@ def _remove_stale_temps(directory: Path) -> None:
             pass  # another process removed it first, or it is not ours to remove
 
 
-def save_new(directory: Path, stem: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+def save_new(directory: Path, stem: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+             what: str = "lora") -> Path:
     """Writes ``<stem>_NNNNN.safetensors`` with the first free counter. The file appears complete or not at all, and
-    an existing file is never replaced (the final name is claimed with a hard link, which fails if it exists)."""
+    an existing file is never replaced (the final name is claimed with a hard link, which fails if it exists).
+    Tensors holding NaN or inf are never written: the error names ``what`` (the input they came from)."""
     import safetensors.torch
 
+    if where := first_non_finite(tensors):
+        raise ValueError(f"{what}: holds NaN or infinite values (in {where}); nothing was written")
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(directory)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=directory)

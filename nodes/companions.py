@@ -126,7 +126,7 @@ class LossGraph:
 
     def plot(self, loss, filename_prefix):
         values = [float(v) for v in (loss or {}).get("loss", [])]
-        image = loss_chart(values)
+        image = loss_chart(values, list((loss or {}).get("skipped", [])))
         from PIL import Image
 
         out_dir, stem = confined(Path(folder_paths.get_output_directory()), filename_prefix, "filename_prefix")

@@ -10,6 +10,7 @@ from pathlib import Path
 import folder_paths
 
 from ..lora.file_format import TEMP_PREFIX, save_new
+from ..lora.finite import first_non_finite
 from ..training.dataset_file import pack, unpack
 from . import inputs
 from .companions import confined
@@ -52,7 +53,7 @@ class SaveTrainingDataset:
         captions = inputs.captions_for(positive, len(samples))
         tensors, metadata = pack(samples, captions)
         directory, stem = confined(dataset_dir(), inputs.one(name, "name"), "name")
-        path = save_new(directory, stem, tensors, metadata)
+        path = save_new(directory, stem, tensors, metadata, "latents")
         rel = path.relative_to(dataset_dir()).as_posix()
         return {"ui": {"text": [rel]}, "result": (rel,)}
 
@@ -82,5 +83,8 @@ class LoadTrainingDataset:
                 metadata = f.metadata() or {}
         except Exception as e:
             raise ValueError(f"dataset: '{dataset}' is not a readable safetensors file ({e})") from None
+        if where := first_non_finite(tensors):
+            raise ValueError(f"dataset: '{dataset}' holds NaN or infinite values (in {where}); encode the data set "
+                             "again")
         samples, captions = unpack(tensors, metadata, dataset)
         return ([{"samples": s.unsqueeze(0)} for s in samples], [[c] for c in captions])

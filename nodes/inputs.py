@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..lora.finite import first_non_finite
+
 
 def one(values, name: str):
     """A widget value from list-mode input (ComfyUI passes every input as a list when INPUT_IS_LIST is set)."""
@@ -28,6 +30,9 @@ def latent_samples(latents, model_dims: tuple[int, str] | None = None) -> list[t
                              "or 3-D shape latents (Hunyuan 3D)")
         if model_dims is not None:
             _check_dims(i, tuple(samples.shape), *model_dims)
+        for b in range(samples.shape[0]):
+            if first_non_finite(samples[b]):
+                raise ValueError(f"latents: item {i}, image {b} holds NaN or infinite values")
         out.extend(samples[b].detach().clone().float() for b in range(samples.shape[0]))
     if not out:
         raise ValueError("latents: the data set is empty (0 images)")
@@ -67,6 +72,10 @@ def captions_for(positive, count: int) -> list[list]:
     entries = [piece for cond in items for piece in _caption_entries(cond)]
     if not entries:
         raise ValueError("positive: no conditioning given")
+    for j, (tensor, extra) in enumerate(entries):
+        where = "its embedding" if first_non_finite(tensor) else first_non_finite(extra)
+        if where:
+            raise ValueError(f"positive: caption {j} holds NaN or infinite values ({where})")
     if len(entries) == 1:
         return entries * count
     if len(entries) != count:

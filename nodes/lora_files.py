@@ -10,6 +10,7 @@ import folder_paths
 
 from ..lora.adapter_set import holds_adapters
 from ..lora.file_format import TEMP_PREFIX, stored_steps
+from ..lora.finite import first_non_finite
 
 log = logging.getLogger("lora_trainer")
 NONE = "[None]"
@@ -44,6 +45,9 @@ def read_lora(name: str, what: str = "existing_lora") -> tuple[dict[str, torch.T
     if tensors and not holds_adapters(tensors):
         raise ValueError(f"{what}: '{name}' is not a LoRA file (it holds full model weights, "
                          f"e.g. '{next(iter(tensors))}'); pick a LoRA, or [None] to start a new one")
+    if where := first_non_finite(tensors):
+        raise ValueError(f"{what}: '{name}' holds NaN or infinite values (in {where}): it cannot be continued; "
+                         "pick another LoRA, or [None] to start a new one")
     return tensors, metadata, Path(path)
 
 

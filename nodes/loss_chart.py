@@ -9,16 +9,33 @@ from PIL import Image, ImageDraw
 WIDTH, HEIGHT, MARGIN = 640, 360, 48
 
 
+SKIPPED_COLOUR = (200, 40, 40)
+
+
 def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average; a non-finite value (a skipped step) stays NaN and leaves the average as it was."""
     out, current = [], None
     for v in values:
+        if not math.isfinite(v):
+            out.append(math.nan)
+            continue
         current = v if current is None else weight * current + (1 - weight) * v
         out.append(current)
     return out
 
 
-def loss_chart(values: list[float]) -> np.ndarray:
-    """An HxWx3 uint8 chart of ``values`` (raw and smoothed). Empty, single or constant series are drawn too."""
+def per_step(values: list[float], skipped: list[int]) -> list[float]:
+    """The loss of every step number 1..n, NaN at the skipped ones (``values`` holds the applied steps' losses)."""
+    n = len(values) + len(set(skipped))
+    marks = {s for s in skipped if isinstance(s, int) and 1 <= s <= n}
+    applied = iter(values)
+    return [math.nan if step in marks else next(applied, math.nan) for step in range(1, n + 1)]
+
+
+def loss_chart(values: list[float], skipped: list[int] = ()) -> np.ndarray:
+    """An HxWx3 uint8 chart of ``values`` (raw and smoothed), with a red mark at every skipped step number. Empty,
+    single or constant series are drawn too."""
+    values = per_step(list(values), list(skipped))
     img = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(img)
     left, top, right, bottom = MARGIN, MARGIN // 2, WIDTH - MARGIN // 2, HEIGHT - MARGIN
@@ -45,6 +62,12 @@ def loss_chart(values: list[float]) -> np.ndarray:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         else:
             draw.line(pts, fill=colour, width=width)
+    marks = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    for i in marks:
+        x, _ = point(i, lo)
+        draw.line([(x, top), (x, bottom)], fill=SKIPPED_COLOUR, width=1)
+    if marks:
+        draw.text((right - 220, top + 4), f"{len(marks)} step(s) skipped: loss not finite", fill=SKIPPED_COLOUR)
     draw.text((4, top), f"{hi:.4g}", fill=(0, 0, 0))
     draw.text((4, bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
     draw.text((left, bottom + 8), "step 1", fill=(0, 0, 0))

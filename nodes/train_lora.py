@@ -25,6 +25,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or its gradients stayed non-finite for several steps in a row: the run stopped."""
+
+
 class TrainLoRA:
     DESCRIPTION = ("Trains a LoRA (or LoHa, LoKr, OFT) on a diffusion model from latents and their captions, with "
                    "the model's own objective, and returns the model with the LoRA applied, the LoRA, the loss "
@@ -159,18 +163,34 @@ class TrainLoRA:
                       "train_biases_and_norms": train_biases_and_norms, "images": len(samples)},
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         lora = LoraWeights(adapters.file_state(MODEL_PREFIX, DTYPES[lora_dtype]), metadata)
-        loss_map = {"loss": result.losses}
         if result.cancelled:
             self._keep_cancelled(lora, total, node_id)
-        return {"ui": {"lora_trainer_loss": result.losses},
-                "result": (comfy_bridge.with_lora(model, lora), lora, loss_map, total)}
+        if result.diverged:
+            self._stop_diverged(lora, total, node_id, result.skipped, learning_rate)
+        return {"ui": {"lora_trainer_loss": result.losses, "lora_trainer_skipped": result.skipped},
+                "result": (comfy_bridge.with_lora(model, lora), lora,
+                           {"loss": result.losses, "skipped": result.skipped}, total)}
 
     @staticmethod
-    def _keep_cancelled(lora: LoraWeights, total: int, node_id) -> None:
-        """A cancel keeps what was trained: the LoRA of the last finished step goes to loras/cancelled/, then the
-        prompt stops the way ComfyUI stops on cancel."""
-        path = save_new(lora_files.main_lora_dir() / "cancelled", f"cancelled_step{total}", dict(lora), lora.metadata)
-        log.warning("training cancelled after step %d; the LoRA so far is saved as %s", total, path)
-        events.send("cancelled", {"node": node_id, "step": total, "file": path.name})
+    def _keep(lora: LoraWeights, total: int, folder: str) -> str:
+        """Saves what a stopped run trained (the LoRA of its last finished step) into loras/<folder>/; returns the
+        file's name in that folder."""
+        return save_new(lora_files.main_lora_dir() / folder, f"{folder}_step{total}", dict(lora), lora.metadata).name
+
+    def _keep_cancelled(self, lora: LoraWeights, total: int, node_id) -> None:
+        """A cancel keeps what was trained, then the prompt stops the way ComfyUI stops on cancel."""
+        name = self._keep(lora, total, "cancelled")
+        log.warning("training cancelled after step %d; the LoRA so far is saved as loras/cancelled/%s", total, name)
+        events.send("cancelled", {"node": node_id, "step": total, "file": name})
         comfy.model_management.interrupt_current_processing(False)
         raise comfy.model_management.InterruptProcessingException()
+
+    def _stop_diverged(self, lora: LoraWeights, total: int, node_id, skipped: list[int], learning_rate: float) -> None:
+        """Diverged: the last finite LoRA is kept as a cancel keeps it, and the prompt fails with what to change."""
+        name = self._keep(lora, total, "diverged")
+        events.send("diverged", {"node": node_id, "step": skipped[-1], "file": name})
+        raise TrainingDiverged(
+            f"learning_rate: the training diverged: the loss or its gradients were NaN or infinite in "
+            f"{loop.MAX_NON_FINITE_IN_A_ROW} steps in a row (steps {skipped[-loop.MAX_NON_FINITE_IN_A_ROW]}-"
+            f"{skipped[-1]}), so it stopped. Lower learning_rate (it is {learning_rate:g}) and train again. The LoRA "
+            f"of the last finite step ({total} steps in all) is kept as loras/diverged/{name}.")

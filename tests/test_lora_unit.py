@@ -17,6 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lora import file_format  # noqa: E402
+from lora.finite import first_non_finite  # noqa: E402
 from lora.adapter_set import AdapterSet, LoraFileError, holds_adapters, split_keys  # noqa: E402
 from lora.algorithms import ALGORITHMS, detect  # noqa: E402
 from lora.injection import attached  # noqa: E402
@@ -561,3 +562,19 @@ def test_holds_adapters_tells_a_lora_from_model_weights():
     assert holds_adapters({"diffusion_model.x.hada_w1_a": t})
     assert holds_adapters({"diffusion_model.norm.diff": t[0]})  # a file of bias/norm offsets only
     assert not holds_adapters({"x_embedder.proj.weight": t, "x_embedder.proj.bias": t[0], "blocks.0.alpha": t[0]})
+
+
+def test_first_non_finite_names_the_path_of_the_bad_tensor():
+    nan, inf = float("nan"), float("inf")
+    assert first_non_finite({"a": torch.ones(2), "b": [torch.ones(1), {"c": torch.tensor([1.0, nan])}]}) == "'b'[1]['c']"
+    assert first_non_finite(torch.tensor([1.0, -inf])) == "."
+    assert first_non_finite([torch.ones(1), torch.tensor([inf], dtype=torch.bfloat16)]) == "[1]"
+    assert first_non_finite({"i": torch.arange(3), "s": "text", "o": object(), "f": torch.zeros(2, 2)}) is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_save_new_refuses_non_finite_tensors_and_writes_nothing(tmp_path, bad):
+    tensors = {"x.lora_up.weight": torch.ones(2, 2), "x.lora_down.weight": torch.tensor([[1.0, bad]])}
+    with pytest.raises(ValueError, match=r"lora: holds NaN or infinite values \(in 'x.lora_down.weight'\); nothing"):
+        file_format.save_new(tmp_path, "bad", tensors, {})
+    assert list(tmp_path.iterdir()) == []

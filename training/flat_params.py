@@ -40,6 +40,10 @@ class FlatParams:
         for flat in self.tensors:
             flat.grad.zero_()
 
+    def grads_finite(self) -> bool:
+        """Whether no gradient holds NaN or inf (one reduction and one device sync per buffer)."""
+        return all(bool(torch.isfinite(flat.grad).all()) for flat in self.tensors)
+
     def release_grads(self) -> None:
         """Back to ordinary parameters without gradients (their values stay in the buffers)."""
         for p in self.members:

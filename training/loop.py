@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -12,6 +14,10 @@ from . import objectives, optimizers
 from .flat_params import FlatParams
 from .inplace_safe import CopyOnWrite, protected
 from .data import Group, micro_batches
+
+log = logging.getLogger("lora_trainer")
+# A non-finite loss or gradient skips its step; this many in a row mean the run has diverged and it stops.
+MAX_NON_FINITE_IN_A_ROW = 5
 
 # denoise(x_t, sigma, sample_ids) -> ComfyUI's denoised estimate x̂0 for those samples (their own captions).
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
@@ -30,13 +36,14 @@ class Settings:
 
 @dataclass
 class StepReport:
-    step: int  # optimizer steps done in this run
+    step: int  # steps (applied or skipped) done in this run
     steps: int
-    loss: float
-    smoothed_loss: float
+    loss: float | None  # None when the step was skipped (its loss or gradients were not finite)
+    smoothed_loss: float | None
     learning_rate: float
     elapsed_s: float
     eta_s: float
+    skipped: bool = False
 
 
 @dataclass
@@ -50,11 +57,14 @@ class Callbacks:
 
 @dataclass
 class Result:
-    losses: list[float] = field(default_factory=list)  # one per completed optimizer step (mean over accumulation)
+    losses: list[float] = field(default_factory=list)  # one per applied optimizer step (mean over accumulation)
+    skipped: list[int] = field(default_factory=list)  # numbers (1-based) of the steps skipped as non-finite
     cancelled: bool = False
+    diverged: bool = False  # stopped after MAX_NON_FINITE_IN_A_ROW skipped steps; the weights are the last finite
 
     @property
     def steps_done(self) -> int:
+        """Optimizer steps applied to the weights."""
         return len(self.losses)
 
 
@@ -104,6 +114,7 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
     batches = micro_batches(groups, settings.batch_size, generator)
     result = Result()
     smoothed = None
+    non_finite_in_a_row = 0
     start = time.monotonic()
     for step in range(settings.steps):
         total = 0.0
@@ -126,12 +137,27 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
                 flat.zero_grad()
                 result.cancelled = True
                 return result
-        opt.step()
-        flat.zero_grad()
         mean = total / settings.grad_accumulation_steps
-        result.losses.append(mean)
-        smoothed = mean if smoothed is None else 0.9 * smoothed + 0.1 * mean
         elapsed = time.monotonic() - start
-        callbacks.step(StepReport(step + 1, settings.steps, mean, smoothed, opt.param_groups[0]["lr"], elapsed,
-                                  elapsed / (step + 1) * (settings.steps - step - 1)))
+        eta = elapsed / (step + 1) * (settings.steps - step - 1)
+        lr = opt.param_groups[0]["lr"]
+        # A NaN/inf loss or gradient never reaches the weights nor the optimizer's state. (With finite gradients the
+        # weights stay finite: Adam(W) and RMSprop move each weight by a bounded multiple of lr, SGD by lr·grad.)
+        if math.isfinite(mean) and flat.grads_finite():
+            opt.step()
+            flat.zero_grad()
+            result.losses.append(mean)
+            non_finite_in_a_row = 0
+            smoothed = mean if smoothed is None else 0.9 * smoothed + 0.1 * mean
+            callbacks.step(StepReport(step + 1, settings.steps, mean, smoothed, lr, elapsed, eta))
+            continue
+        flat.zero_grad()
+        result.skipped.append(step + 1)
+        non_finite_in_a_row += 1
+        log.warning("step %d skipped: its loss (%s) or gradients are not finite; the LoRA stays as it was",
+                    step + 1, mean)
+        callbacks.step(StepReport(step + 1, settings.steps, None, smoothed, lr, elapsed, eta, skipped=True))
+        if non_finite_in_a_row == MAX_NON_FINITE_IN_A_ROW:
+            result.diverged = True
+            return result
     return result

@@ -39,27 +39,46 @@ class LossChart {
 
   push(report) {
     if (report.step === 1 || (this.points.length && report.step <= this.points.at(-1).step)) this.points = [];
-    this.points.push({ step: report.step, loss: Number(report.loss), smoothed: Number(report.smoothed_loss) });
+    // A skipped step (its loss or gradients were NaN/inf) has no loss: it is drawn as a red mark.
+    const loss = report.skipped ? NaN : Number(report.loss);
+    this.points.push({ step: report.step, loss, smoothed: Number(report.smoothed_loss ?? NaN) });
+    const skipped = this.points.filter((p) => !Number.isFinite(p.loss)).length;
     this.status.textContent =
-      `step ${report.step}/${report.steps}  loss ${Number(report.loss).toFixed(5)}  ` +
+      `step ${report.step}/${report.steps}  ` +
+      (report.skipped ? "SKIPPED (loss not finite)  " : `loss ${loss.toFixed(5)}  `) +
+      (skipped ? `${skipped} skipped  ` : "") +
       `smoothed ${Number(report.smoothed_loss).toFixed(5)}  lr ${Number(report.learning_rate).toExponential(1)}  ` +
       `elapsed ${formatSeconds(report.elapsed_s)}  eta ${formatSeconds(report.eta_s)}`;
     this.draw();
   }
 
-  setAll(losses) {
-    let smoothed = null;
-    this.points = losses.map((v, i) => {
+  setAll(losses, skipped = []) {
+    // losses: one per applied step; skipped: the step numbers that were skipped (in between, or at the end).
+    const marks = new Set(skipped), total = losses.length + marks.size;
+    let smoothed = null, next = 0;
+    this.points = [];
+    for (let step = 1; step <= total; step++) {
+      if (marks.has(step) || next >= losses.length) {
+        this.points.push({ step, loss: NaN, smoothed: NaN });
+        continue;
+      }
+      const v = Number(losses[next++]);
       smoothed = smoothed === null ? v : 0.9 * smoothed + 0.1 * v;
-      return { step: i + 1, loss: Number(v), smoothed };
-    });
-    const last = this.points.at(-1);
-    this.status.textContent = last ? `done: ${last.step} steps, last loss ${last.loss.toFixed(5)}` : "no loss values";
+      this.points.push({ step, loss: v, smoothed });
+    }
+    const last = this.points.filter((p) => Number.isFinite(p.loss)).at(-1);
+    this.status.textContent = last
+      ? `done: ${losses.length} steps, last loss ${last.loss.toFixed(5)}` + (marks.size ? `, ${marks.size} skipped` : "")
+      : "no loss values";
     this.draw();
   }
 
   cancelled(step) {
     this.status.textContent = `cancelled at step ${step} (kept in loras/cancelled)`;
+  }
+
+  diverged(step) {
+    this.status.textContent = `stopped at step ${step}: the loss diverged (last finite LoRA kept in loras/diverged)`;
   }
 
   draw() {
@@ -73,19 +92,29 @@ class LossChart {
     const ctx = c.getContext("2d");
     ctx.setTransform(scale, 0, 0, scale, 0, 0);
     ctx.clearRect(0, 0, w, h);
+    if (!this.points.length) return;
     const pts = this.points.filter((p) => Number.isFinite(p.loss));
+    const first = this.points[0].step, last = this.points.at(-1).step, pad = 6;
+    const x = (step) => pad + (w - 2 * pad) * (last > first ? (step - first) / (last - first) : 0.5);
+    ctx.strokeStyle = "#d04040";
+    ctx.lineWidth = 1;
+    for (const p of this.points) {
+      if (Number.isFinite(p.loss)) continue;
+      ctx.beginPath();
+      ctx.moveTo(x(p.step), pad);
+      ctx.lineTo(x(p.step), h - pad);
+      ctx.stroke();
+    }
     if (!pts.length) return;
     let lo = Math.min(...pts.map((p) => p.loss)), hi = Math.max(...pts.map((p) => p.loss));
     if (hi - lo < 1e-12) { const pad = Math.max(Math.abs(hi) * 0.05, 1e-6); lo -= pad; hi += pad; }
-    const pad = 6, n = pts.length;
-    const x = (i) => pad + (w - 2 * pad) * (n > 1 ? i / (n - 1) : 0.5);
     const y = (v) => h - pad - (h - 2 * pad) * (Math.min(Math.max(v, lo), hi) - lo) / (hi - lo);
     for (const [key, colour, width] of [["loss", "#5b7fb8", 1], ["smoothed", "#9fd0ff", 2]]) {
       ctx.strokeStyle = colour;
       ctx.lineWidth = width;
       ctx.beginPath();
-      pts.forEach((p, i) => (i ? ctx.lineTo(x(i), y(p[key])) : ctx.moveTo(x(i), y(p[key]))));
-      if (n === 1) ctx.arc(x(0), y(pts[0][key]), 2, 0, 2 * Math.PI);
+      pts.forEach((p, i) => (i ? ctx.lineTo(x(p.step), y(p[key])) : ctx.moveTo(x(p.step), y(p[key]))));
+      if (pts.length === 1) ctx.arc(x(pts[0].step), y(pts[0][key]), 2, 0, 2 * Math.PI);
       ctx.stroke();
     }
     ctx.fillStyle = "#999";
@@ -122,7 +151,9 @@ app.registerExtension({
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       onExecuted?.apply(this, arguments);
-      if (Array.isArray(output?.lora_trainer_loss)) this.loraTrainerChart?.setAll(output.lora_trainer_loss);
+      if (Array.isArray(output?.lora_trainer_loss)) {
+        this.loraTrainerChart?.setAll(output.lora_trainer_loss, output.lora_trainer_skipped ?? []);
+      }
     };
   },
   setup() {
@@ -135,5 +166,7 @@ app.registerExtension({
     api.addEventListener("lora_trainer.progress", ({ detail }) => nodeFor(detail?.node)?.loraTrainerChart?.push(detail));
     api.addEventListener("lora_trainer.cancelled", ({ detail }) =>
       nodeFor(detail?.node)?.loraTrainerChart?.cancelled(detail.step));
+    api.addEventListener("lora_trainer.diverged", ({ detail }) =>
+      nodeFor(detail?.node)?.loraTrainerChart?.diverged(detail.step));
   },
 });

@@ -41,7 +41,7 @@ class TinyTrainingData:
             "width": ("INT", {"default": 8, "min": 2, "max": 128}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
             "captions": (["one per image", "one shared", "none"],),
-            "corrupt": (["no", "nan", "inf", "empty", "no pooled output"],),
+            "corrupt": (["no", "nan", "inf", "empty", "no pooled output", "nan caption", "inf pooled output"],),
         }}
 
     RETURN_TYPES = ("LATENT", "CONDITIONING")
@@ -67,6 +67,10 @@ class TinyTrainingData:
             conditioning.append([embeds[i : i + 1].clone(), extra])
         if corrupt == "empty":
             latents = latents[:0]
+        if corrupt == "nan caption":
+            conditioning[-1][0][0, 1, 2] = float("nan")
+        if corrupt == "inf pooled output":
+            conditioning[-1][1]["pooled_output"][0, 3] = float("inf")
         return ({"samples": latents}, conditioning)
 
 
@@ -154,3 +158,7 @@ from .family_data import FamilyData, VideoClips  # noqa: E402
 
 NODE_CLASS_MAPPINGS["LoraTrainerTest_FamilyData"] = FamilyData
 NODE_CLASS_MAPPINGS["LoraTrainerTest_VideoClips"] = VideoClips
+
+from .poison import PoisonLora  # noqa: E402
+
+NODE_CLASS_MAPPINGS["LoraTrainerTest_PoisonLora"] = PoisonLora
