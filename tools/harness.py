@@ -84,10 +84,12 @@ class PromptError(RuntimeError):
 class ComfyServer:
     """One ComfyUI process on 127.0.0.1 with its own base directory (models, input, output, custom_nodes)."""
 
-    def __init__(self, base_dir: Path, extra_node_packs: tuple[Path, ...] = (), extra_args: tuple[str, ...] = ()):
+    def __init__(self, base_dir: Path, extra_node_packs: tuple[Path, ...] = (), extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.base_dir = Path(base_dir)
         self.extra_node_packs = extra_node_packs
         self.extra_args = extra_args
+        self.env = dict(env or {})  # added to this process's environment for the server
         self.port = 0
         self.client_id = uuid.uuid4().hex
         self.process: subprocess.Popen | None = None
@@ -112,7 +114,7 @@ class ComfyServer:
             "--base-directory", str(self.base_dir), "--disable-auto-launch", *self.extra_args,
         ]
         log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.process = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         deadline = time.monotonic() + timeout

@@ -162,3 +162,7 @@ NODE_CLASS_MAPPINGS["LoraTrainerTest_VideoClips"] = VideoClips
 from .poison import PoisonLora  # noqa: E402
 
 NODE_CLASS_MAPPINGS["LoraTrainerTest_PoisonLora"] = PoisonLora
+
+from . import held_save  # noqa: E402
+
+held_save.install()  # a no-op unless the server's environment asks to hold saves (tests/test_process_faults.py)
