@@ -164,33 +164,38 @@ class TrainLoRA:
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         lora = LoraWeights(adapters.file_state(MODEL_PREFIX, DTYPES[lora_dtype]), metadata)
         if result.cancelled:
-            self._keep_cancelled(lora, total, node_id)
+            self._keep_cancelled(lora, total, node_id, result.steps_done)
         if result.diverged:
-            self._stop_diverged(lora, total, node_id, result.skipped, learning_rate)
+            self._stop_diverged(lora, total, node_id, result, learning_rate)
         return {"ui": {"lora_trainer_loss": result.losses, "lora_trainer_skipped": result.skipped},
                 "result": (comfy_bridge.with_lora(model, lora), lora,
                            {"loss": result.losses, "skipped": result.skipped}, total)}
 
     @staticmethod
-    def _keep(lora: LoraWeights, total: int, folder: str) -> str:
+    def _keep(lora: LoraWeights, total: int, folder: str, steps_done: int) -> str | None:
         """Saves what a stopped run trained (the LoRA of its last finished step) into loras/<folder>/; returns the
-        file's name in that folder."""
+        file's name in that folder, or None when this run finished no step (there is nothing new to keep)."""
+        if steps_done == 0:
+            return None
         return save_new(lora_files.main_lora_dir() / folder, f"{folder}_step{total}", dict(lora), lora.metadata).name
 
-    def _keep_cancelled(self, lora: LoraWeights, total: int, node_id) -> None:
+    def _keep_cancelled(self, lora: LoraWeights, total: int, node_id, steps_done: int) -> None:
         """A cancel keeps what was trained, then the prompt stops the way ComfyUI stops on cancel."""
-        name = self._keep(lora, total, "cancelled")
-        log.warning("training cancelled after step %d; the LoRA so far is saved as loras/cancelled/%s", total, name)
+        name = self._keep(lora, total, "cancelled", steps_done)
+        log.warning("training cancelled after step %d; %s", total,
+                    f"the LoRA so far is saved as loras/cancelled/{name}" if name else "no step finished, none kept")
         events.send("cancelled", {"node": node_id, "step": total, "file": name})
         comfy.model_management.interrupt_current_processing(False)
         raise comfy.model_management.InterruptProcessingException()
 
-    def _stop_diverged(self, lora: LoraWeights, total: int, node_id, skipped: list[int], learning_rate: float) -> None:
+    def _stop_diverged(self, lora: LoraWeights, total: int, node_id, result: loop.Result, learning_rate: float) -> None:
         """Diverged: the last finite LoRA is kept as a cancel keeps it, and the prompt fails with what to change."""
-        name = self._keep(lora, total, "diverged")
+        name = self._keep(lora, total, "diverged", result.steps_done)
+        skipped = result.skipped
         events.send("diverged", {"node": node_id, "step": skipped[-1], "file": name})
+        kept = (f"The LoRA of the last finite step ({total} steps in all) is kept as loras/diverged/{name}." if name
+                else "No step finished, so no LoRA was kept.")
         raise TrainingDiverged(
             f"learning_rate: the training diverged: the loss or its gradients were NaN or infinite in "
             f"{loop.MAX_NON_FINITE_IN_A_ROW} steps in a row (steps {skipped[-loop.MAX_NON_FINITE_IN_A_ROW]}-"
-            f"{skipped[-1]}), so it stopped. Lower learning_rate (it is {learning_rate:g}) and train again. The LoRA "
-            f"of the last finite step ({total} steps in all) is kept as loras/diverged/{name}.")
+            f"{skipped[-1]}), so it stopped. Lower learning_rate (it is {learning_rate:g}) and train again. {kept}")

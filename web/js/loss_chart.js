@@ -73,12 +73,13 @@ class LossChart {
     this.draw();
   }
 
-  cancelled(step) {
-    this.status.textContent = `cancelled at step ${step} (kept in loras/cancelled)`;
+  cancelled(step, file) {
+    this.status.textContent = `cancelled at step ${step}` + (file ? ` (kept as loras/cancelled/${file})` : "");
   }
 
-  diverged(step) {
-    this.status.textContent = `stopped at step ${step}: the loss diverged (last finite LoRA kept in loras/diverged)`;
+  diverged(step, file) {
+    this.status.textContent =
+      `stopped at step ${step}: the loss diverged` + (file ? ` (last finite LoRA kept as loras/diverged/${file})` : "");
   }
 
   draw() {
@@ -165,8 +166,8 @@ app.registerExtension({
     });
     api.addEventListener("lora_trainer.progress", ({ detail }) => nodeFor(detail?.node)?.loraTrainerChart?.push(detail));
     api.addEventListener("lora_trainer.cancelled", ({ detail }) =>
-      nodeFor(detail?.node)?.loraTrainerChart?.cancelled(detail.step));
+      nodeFor(detail?.node)?.loraTrainerChart?.cancelled(detail.step, detail.file));
     api.addEventListener("lora_trainer.diverged", ({ detail }) =>
-      nodeFor(detail?.node)?.loraTrainerChart?.diverged(detail.step));
+      nodeFor(detail?.node)?.loraTrainerChart?.diverged(detail.step, detail.file));
   },
 });
