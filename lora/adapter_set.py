@@ -66,7 +66,9 @@ class AdapterSet(nn.Module):
         algo = ALGORITHMS[algorithm]
         layers = adaptable_layers(root, patterns)
         if not layers:
-            raise ValueError(f"no linear or convolution layer matches the module filter '{patterns}'")
+            # Starts with the input's name, as every input error of the node does (issue 10: errors name the input).
+            raise ValueError(f"module_filter: '{patterns}' matches no linear or convolution layer of this model (the "
+                             "module filter keeps the layers whose name contains one of its comma-separated parts)")
         adapters = {name: algo.create(spec, rank, alpha, generator) for name, spec in sorted(layers.items())}
         biases, norms = {}, {}
         if train_biases_and_norms:
@@ -81,7 +83,10 @@ class AdapterSet(nn.Module):
     def from_modules(cls, root: nn.Module, modules: dict[str, dict[str, torch.Tensor]]) -> "AdapterSet":
         """Rebuilds the adapters a LoRA file holds for this model (``modules`` as ``split_keys`` gives them, names
         relative to ``root``); every stored tensor is kept (alpha, shapes, bias and norm diffs)."""
-        algorithms = {detect(set(t)) for t in modules.values()} - {None}
+        # Every algorithm whose marker keys occur, also several in one layer (detect() would pick one and silently
+        # drop the other's tensors).
+        algorithms = {algo for t in modules.values() for algo in ALGORITHMS.values()
+                      if any(marker in t for marker in algo.marker_suffixes)}
         if len(algorithms) > 1:
             raise LoraFileError(f"the file mixes algorithms ({', '.join(sorted(a.name for a in algorithms))})")
         algo = algorithms.pop() if algorithms else ALGORITHMS["LoRA"]
@@ -93,6 +98,7 @@ class AdapterSet(nn.Module):
                 raise LoraFileError(f"the model has no layer '{name}'") from None
             spec = LayerSpec.of(module)
             try:
+                _check_dimensions(tensors)
                 if detect(set(tensors)) is not None:
                     if spec is None:
                         raise AdapterFitError(f"it is a {type(module).__name__}, not a linear or convolution layer")
@@ -126,6 +132,15 @@ class AdapterSet(nn.Module):
         # alpha stays fp32: it is a scalar, and bf16 cannot hold every alpha a user may type.
         return {k: v.to(device="cpu", dtype=torch.float32 if k.endswith(".alpha") else dtype).contiguous().clone()
                 for k, v in out.items()}
+
+
+def _check_dimensions(tensors: dict[str, torch.Tensor]) -> None:
+    """A malformed file must be a clear error, not an IndexError / RuntimeError inside an adapter's constructor."""
+    for suffix, tensor in tensors.items():
+        if suffix == "alpha" and tensor.numel() != 1:
+            raise AdapterFitError(f"'alpha' holds {tensor.numel()} values; expected one")
+        if suffix != "alpha" and tensor.ndim == 0:
+            raise AdapterFitError(f"'{suffix}' is a scalar; expected a weight tensor")
 
 
 def _delta(tensor: torch.Tensor, target: torch.Tensor | None, what: str) -> nn.Parameter:
