@@ -62,11 +62,22 @@ TEMP_SUFFIX = ".partial"
 STALE_TEMP_S = 3600
 NAME_MAX_BYTES = 255  # one path component, on every common file system
 # A name prefix's last part leaves room for what saving appends: "_<steps>_steps", "_00001", ".safetensors".
-STEM_MAX_BYTES = NAME_MAX_BYTES - 55
+SUFFIX_BYTES = 55
+STEM_MAX_BYTES = NAME_MAX_BYTES - SUFFIX_BYTES
+
+
+PATH_MAX_BYTES = 4096  # a whole path, on Linux; saving appends up to SUFFIX_BYTES to the stem
 
 
 def check_name_parts(parts: list[str], what: str) -> None:
-    """A clear error naming the input for a name no file system can hold (instead of a raw ``OSError``)."""
+    """A clear error naming the input for a name no file system can hold (instead of a raw ``OSError``) or one that
+    would be taken for a temporary file (never listed, and removed by a later save)."""
+    if any(ord(ch) < 32 or ch == "\x7f" for part in parts for ch in part):
+        raise ValueError(f"{what}: {'/'.join(parts)!r} contains a control character (e.g. a NUL byte or a line "
+                         "break); use plain characters")
+    if parts and parts[-1].startswith(TEMP_PREFIX):
+        raise ValueError(f"{what}: '{parts[-1]}' starts with '{TEMP_PREFIX}', which is reserved for temporary files "
+                         "(they are never listed and are removed later); use another name")
     for i, part in enumerate(parts):
         limit = STEM_MAX_BYTES if i == len(parts) - 1 else NAME_MAX_BYTES
         size = len(part.encode())

@@ -10,7 +10,7 @@ import torch
 
 import folder_paths
 
-from ..lora.file_format import META, build_metadata, check_name_parts, save_new
+from ..lora.file_format import META, PATH_MAX_BYTES, SUFFIX_BYTES, build_metadata, check_name_parts, save_new
 from .loss_chart import loss_chart
 from . import comfy_bridge, lora_files
 
@@ -25,6 +25,10 @@ def confined(base: Path, prefix: str, what: str) -> tuple[Path, str]:
     directory = base.joinpath(*parts[:-1]).resolve()
     if not directory.is_relative_to(base.resolve()):
         raise ValueError(f"{what}: '{prefix}' leaves {base}")
+    size = len(str(directory / parts[-1]).encode()) + SUFFIX_BYTES
+    if size > PATH_MAX_BYTES:
+        raise ValueError(f"{what}: '{prefix[:40]}...' makes a path of {size} bytes in all; at most {PATH_MAX_BYTES} "
+                         "are possible: use fewer or shorter folder names")
     return directory, parts[-1]
 
 

@@ -27,7 +27,7 @@ def dataset_choices() -> list[str]:
         return []
     # Temporary files of an interrupted save (older versions named them *.safetensors) are never offered.
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")
-                  if not p.name.startswith(TEMP_PREFIX))
+                  if p.is_file() and not p.name.startswith(TEMP_PREFIX))
 
 
 class SaveTrainingDataset:

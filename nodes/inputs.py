@@ -62,7 +62,7 @@ def _split_entry(entry: list) -> list[list]:
 
 def _caption_entries(cond: list) -> list[list]:
     """One CONDITIONING as single-caption entries."""
-    return [piece for entry in cond for piece in _split_entry(entry)]
+    return [piece for entry in cond if entry for piece in _split_entry(entry)]
 
 
 def captions_for(positive, count: int) -> list[list]:

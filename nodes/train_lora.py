@@ -128,7 +128,11 @@ class TrainLoRA:
             x0 = comfy_bridge.latents_in_model_space(clone, samples, device)
             groups = group_by_shape(x0)
             if existing is not None:
-                adapters = AdapterSet.from_modules(root, comfy_bridge.modules_of_file(clone, existing[0]))
+                try:
+                    adapters = AdapterSet.from_modules(root, comfy_bridge.modules_of_file(clone, existing[0]))
+                except LoraFileError as e:
+                    raise ValueError(f"existing_lora: '{existing_lora}' does not fit this "
+                                     f"{comfy_bridge.base_model_name(model)} model: {e}") from None
                 previous = lora_files.previous_steps(existing_lora, existing[1])
                 if adapters.algorithm.name != algorithm:
                     log.warning("existing_lora '%s' is %s; continuing it as %s (the algorithm input is ignored)",
