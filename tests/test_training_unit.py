@@ -18,6 +18,7 @@ from lora.adapter_set import AdapterSet  # noqa: E402
 from lora.injection import attached  # noqa: E402
 from training import checkpointing, data, dataset_file, loop, objectives, optimizers  # noqa: E402
 from training.flat_params import FlatParams  # noqa: E402
+from training.timesteps import TimestepSampling  # noqa: E402
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -432,7 +433,7 @@ def test_train_grad_accumulation_averages_micro_batch_gradients():
             group, rows = next(batches)
             x0 = group.latents[rows]
             noise = torch.randn(x0.shape, generator=g)
-            sigma = loop.draw_sigmas(sched, len(rows), g)
+            sigma = TimestepSampling().sigmas(sched, len(rows), g)
             loss = loop.sample_loss(denoise, sched, x0, [group.sample_ids[r] for r in rows], noise, sigma, "MSE")
             (loss.mean() / 2).backward()
     for p, s, t in zip(aset.parameters(), start, trained):
@@ -585,9 +586,9 @@ def test_train_each_sample_gets_its_own_ids():
     assert sorted(seen) == sorted(list(range(len(latents_by_id))) * 2)
 
 
-def test_draw_sigmas_from_table():
+def test_uniform_sigmas_come_from_the_table():
     sched = EpsSchedule((0.1, 0.2, 0.3))
-    s = loop.draw_sigmas(sched, 200, gen(0))
+    s = TimestepSampling().sigmas(sched, 200, gen(0))
     assert s.shape == (200,)
     assert set(s.tolist()) <= set(sched.sigmas.tolist()) and len(set(s.tolist())) == 3
 

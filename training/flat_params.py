@@ -40,9 +40,16 @@ class FlatParams:
         for flat in self.tensors:
             flat.grad.zero_()
 
-    def grads_finite(self) -> bool:
-        """Whether no gradient holds NaN or inf (one reduction and one device sync per buffer)."""
-        return all(bool(torch.isfinite(flat.grad).all()) for flat in self.tensors)
+    def grad_norm(self) -> float:
+        """The L2 norm of all gradients together (NaN or inf when any gradient is not finite); one device sync."""
+        norms = [torch.linalg.vector_norm(flat.grad.float()) for flat in self.tensors]
+        if not norms:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
+
+    def scale_grads(self, factor: float) -> None:
+        for flat in self.tensors:
+            flat.grad.mul_(factor)
 
     def release_grads(self) -> None:
         """Back to ordinary parameters without gradients (their values stay in the buffers)."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import objectives, optimizers
+from .schedules import LRSchedule
+from .timesteps import TimestepSampling
 from .flat_params import FlatParams
 from .inplace_safe import CopyOnWrite, protected
 from .data import Group, micro_batches
@@ -32,6 +34,9 @@ class Settings:
     optimizer: str = "AdamW"
     loss_function: str = "MSE"
     compute_dtype: torch.dtype | None = None  # autocast dtype; None = the model's own
+    lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+    max_grad_norm: float = 0.0  # clip the gradients' global L2 norm to this; 0 = no clipping
+    timesteps: TimestepSampling = field(default_factory=TimestepSampling)
 
 
 @dataclass
@@ -44,6 +49,7 @@ class StepReport:
     elapsed_s: float
     eta_s: float
     skipped: bool = False
+    grad_norm: float | None = None  # the gradients' global L2 norm before clipping (None when skipped)
 
 
 @dataclass
@@ -70,12 +76,6 @@ class Result:
 
 class _Cancel(Exception):
     pass
-
-
-def draw_sigmas(schedule: objectives.Schedule, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample noise levels, uniformly from the model's own table of training sigmas."""
-    table = schedule.sigmas
-    return table[torch.randint(0, len(table), (n,), generator=generator)]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -117,6 +117,9 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
     non_finite_in_a_row = 0
     start = time.monotonic()
     for step in range(settings.steps):
+        lr = settings.learning_rate * settings.lr_schedule.factor(step, settings.steps)
+        for param_group in opt.param_groups:
+            param_group["lr"] = lr
         total = 0.0
         for _ in range(settings.grad_accumulation_steps):
             try:
@@ -124,11 +127,13 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
                     raise _Cancel()
                 group, rows = next(batches)
                 x0 = group.latents[rows]
-                noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
-                sigma = draw_sigmas(schedule, len(rows), generator)
+                noise = settings.timesteps.noise(x0.shape, generator)
+                sigma = settings.timesteps.sigmas(schedule, len(rows), generator)
                 ids = [group.sample_ids[r] for r in rows]
-                loss = sample_loss(denoise, schedule, x0, ids, noise, sigma, settings.loss_function,
-                                   settings.compute_dtype).mean()
+                per_sample = sample_loss(denoise, schedule, x0, ids, noise, sigma, settings.loss_function,
+                                         settings.compute_dtype)
+                weights = settings.timesteps.loss_weights(schedule, sigma)
+                loss = (per_sample if weights is None else per_sample * weights.to(per_sample.device)).mean()
                 (loss / settings.grad_accumulation_steps).backward()
                 total += float(loss.detach())
                 callbacks.micro_step()
@@ -140,16 +145,18 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
         mean = total / settings.grad_accumulation_steps
         elapsed = time.monotonic() - start
         eta = elapsed / (step + 1) * (settings.steps - step - 1)
-        lr = opt.param_groups[0]["lr"]
+        grad_norm = flat.grad_norm()
         # A NaN/inf loss or gradient never reaches the weights nor the optimizer's state. (With finite gradients the
         # weights stay finite: Adam(W) and RMSprop move each weight by a bounded multiple of lr, SGD by lr·grad.)
-        if math.isfinite(mean) and flat.grads_finite():
+        if math.isfinite(mean) and math.isfinite(grad_norm):
+            if 0 < settings.max_grad_norm < grad_norm:
+                flat.scale_grads(settings.max_grad_norm / grad_norm)
             opt.step()
             flat.zero_grad()
             result.losses.append(mean)
             non_finite_in_a_row = 0
             smoothed = mean if smoothed is None else 0.9 * smoothed + 0.1 * mean
-            callbacks.step(StepReport(step + 1, settings.steps, mean, smoothed, lr, elapsed, eta))
+            callbacks.step(StepReport(step + 1, settings.steps, mean, smoothed, lr, elapsed, eta, grad_norm=grad_norm))
             continue
         flat.zero_grad()
         result.skipped.append(step + 1)

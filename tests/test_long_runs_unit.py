@@ -1,0 +1,89 @@
+"""Unit tests of what long runs need (issue 11): learning-rate schedules and gradient clipping in the loop."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from test_training_unit import gen, params_of, run_train, toy_problem  # noqa: E402
+from lora.injection import attached  # noqa: E402
+from training import loop  # noqa: E402
+from training.schedules import LRSchedule  # noqa: E402
+
+
+def factors(schedule: LRSchedule, total: int) -> list[float]:
+    return [schedule.factor(step, total) for step in range(total)]
+
+
+def test_constant_is_flat_after_a_linear_warmup():
+    assert factors(LRSchedule(), 5) == [1.0] * 5
+    assert factors(LRSchedule(warmup_steps=4), 6) == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_linear_and_cosine_decay_from_lr_to_the_floor():
+    linear = factors(LRSchedule("linear", min_lr_ratio=0.1), 11)
+    # step t of T decays by t/T: the last step is one decay step above the floor, none is spent at the floor
+    assert linear[0] == 1.0 and linear[5] == pytest.approx(0.1 + 0.9 * 6 / 11)
+    assert linear[10] == pytest.approx(0.1 + 0.9 / 11)
+    assert all(a > b for a, b in zip(linear, linear[1:]))
+    cosine = factors(LRSchedule("cosine", warmup_steps=2, min_lr_ratio=0.2), 12)
+    assert cosine[:2] == [0.5, 1.0]
+    assert cosine[2] == 1.0 and cosine[7] == pytest.approx(0.2 + 0.8 * 0.5)  # halfway through the decay
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:])) and min(cosine) >= 0.2
+
+
+def test_cosine_with_restarts_returns_to_lr_each_cycle():
+    f = factors(LRSchedule("cosine_with_restarts", cycles=3), 30)
+    assert [f[0], f[10], f[20]] == [1.0, 1.0, 1.0]
+    assert f[5] == pytest.approx(0.5) and f[15] == pytest.approx(0.5)
+    assert all(f[i] > f[i + 1] for i in range(9))
+
+
+@pytest.mark.parametrize("bad", [dict(kind="step"), dict(warmup_steps=-1), dict(min_lr_ratio=1.5), dict(cycles=0)])
+def test_bad_schedules_are_refused_naming_the_option(bad):
+    with pytest.raises(ValueError, match="lr_schedule"):
+        LRSchedule(**bad)
+
+
+def test_the_loop_uses_and_reports_the_scheduled_rate():
+    reports = []
+    schedule = LRSchedule("cosine", warmup_steps=3, min_lr_ratio=0.1)
+    run_train(steps=10, learning_rate=0.02, lr_schedule=schedule, callbacks=loop.Callbacks(step=reports.append))
+    assert [r.learning_rate for r in reports] == pytest.approx([0.02 * f for f in factors(schedule, 10)])
+
+
+def test_a_schedule_changes_what_is_trained_exactly_as_scaling_sgd_steps():
+    """SGD moves by lr·grad: a run at factor f per step equals, step for step, the gradients scaled by f."""
+    warm, warm_set, _ = run_train(steps=4, optimizer="SGD", learning_rate=0.1, lr_schedule=LRSchedule(warmup_steps=4))
+    flat, flat_set, _ = run_train(steps=4, optimizer="SGD", learning_rate=0.1)
+    assert warm.losses[0] == flat.losses[0]  # the same first forward
+    assert any(not torch.equal(a, b) for a, b in zip(params_of(warm_set), params_of(flat_set)))
+
+
+def test_gradient_clipping_limits_the_update_and_reports_the_norm_before_clipping():
+    """SGD at lr 1: the step moves the weights by exactly the clipped gradient, whose norm is max_grad_norm."""
+    reports = []
+    net, aset, groups, sched, denoise = toy_problem(0)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in aset.parameters()])
+    with attached(net, aset):
+        loop.train(aset.trainable(), groups, denoise, sched,
+                   loop.Settings(steps=1, batch_size=2, learning_rate=1.0, optimizer="SGD", max_grad_norm=1e-4),
+                   gen(0), loop.Callbacks(step=reports.append))
+    after = torch.cat([p.detach().reshape(-1) for p in aset.parameters()])
+    assert reports[0].grad_norm > 1e-4, "the test needs a gradient larger than the limit"
+    assert float(torch.linalg.vector_norm(after - before)) == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_no_clipping_below_the_limit_and_by_default():
+    clipped, clipped_set, _ = run_train(steps=3, max_grad_norm=1e9)
+    plain, plain_set, _ = run_train(steps=3)
+    assert clipped.losses == plain.losses
+    assert all(torch.equal(a, b) for a, b in zip(params_of(clipped_set), params_of(plain_set)))
+    reports = []
+    run_train(steps=2, callbacks=loop.Callbacks(step=reports.append))
+    assert all(r.grad_norm > 0 and math.isfinite(r.grad_norm) for r in reports)
