@@ -30,16 +30,49 @@ def group_by_shape(samples: list[torch.Tensor]) -> list[Group]:
     return [Group(torch.stack([samples[i] for i in ids]), ids) for ids in by_shape.values()]
 
 
-def micro_batches(groups: list[Group], batch_size: int, generator: torch.Generator) -> Iterator[tuple[Group, list[int]]]:
+class MicroBatches:
     """Endless epochs: each epoch shuffles every group, cuts it into batches of ≤ batch_size rows and shuffles the
-    batches, so every sample is seen once per epoch and a batch never mixes shapes. Yields (group, row indices)."""
-    while True:
+    batches, so every sample is seen once per epoch and a batch never mixes shapes. Yields (group, row indices).
+
+    Its position (the current epoch's order and how far it got) is part of a resumable training state: an epoch is
+    drawn from ``generator`` only when the previous one is used up, so restoring the position together with the
+    generator's state continues the exact sequence."""
+
+    def __init__(self, groups: list[Group], batch_size: int, generator: torch.Generator):
+        self.groups, self.batch_size, self.generator = groups, batch_size, generator
+        self.order: list[tuple[int, list[int]]] = []  # (group index, rows) of the current epoch's micro-batches
+        self.position = 0
+
+    def __iter__(self) -> Iterator[tuple[Group, list[int]]]:
+        return self
+
+    def __next__(self) -> tuple[Group, list[int]]:
+        if self.position >= len(self.order):
+            self._draw_epoch()
+        group, rows = self.order[self.position]
+        self.position += 1
+        return self.groups[group], rows
+
+    def _draw_epoch(self) -> None:
         batches = []
-        for group in groups:
-            rows = torch.randperm(len(group.sample_ids), generator=generator).tolist()
-            batches += [(group, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
-        for j in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[j]
+        for g, group in enumerate(self.groups):
+            rows = torch.randperm(len(group.sample_ids), generator=self.generator).tolist()
+            batches += [(g, rows[i : i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
+        self.order = [batches[j] for j in torch.randperm(len(batches), generator=self.generator).tolist()]
+        self.position = 0
+
+    def state(self) -> dict:
+        return {"order": [[g, rows] for g, rows in self.order], "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        order = [(int(g), [int(r) for r in rows]) for g, rows in state["order"]]
+        if any(g >= len(self.groups) or max(rows, default=0) >= len(self.groups[g].sample_ids) for g, rows in order):
+            raise DataError("the saved data order does not fit these latents")
+        self.order, self.position = order, int(state["position"])
+
+
+def micro_batches(groups: list[Group], batch_size: int, generator: torch.Generator) -> MicroBatches:
+    return MicroBatches(groups, batch_size, generator)
 
 
 def epoch_micro_batches(groups: list[Group], batch_size: int) -> int:

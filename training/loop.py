@@ -16,6 +16,7 @@ from .timesteps import TimestepSampling
 from .flat_params import FlatParams
 from .inplace_safe import CopyOnWrite, protected
 from .data import Group, micro_batches
+from .train_state import TrainState
 
 log = logging.getLogger("lora_trainer")
 # A non-finite loss or gradient skips its step; this many in a row mean the run has diverged and it stops.
@@ -59,6 +60,9 @@ class Callbacks:
     step: Callable[[StepReport], None] = lambda report: None
     # Exceptions that mean "the user cancelled" when raised inside a micro-step (forward, backward or callback).
     cancel_exceptions: tuple[type[BaseException], ...] = ()
+    # Every this many steps (not after the last one) the run's resumable state goes to ``checkpoint``; 0 = never.
+    checkpoint_every: int = 0
+    checkpoint: Callable[[TrainState], None] = lambda state: None
 
 
 @dataclass
@@ -99,24 +103,31 @@ def sample_loss(denoise: DenoiseFn, schedule: objectives.Schedule, x0: torch.Ten
 
 
 def train(params: Iterable[torch.nn.Parameter], groups: list[Group], denoise: DenoiseFn, schedule: objectives.Schedule,
-          settings: Settings, generator: torch.Generator, callbacks: Callbacks = Callbacks()) -> Result:
-    """Trains ``params`` (fp32 master weights) in place. Every random draw comes from ``generator``."""
+          settings: Settings, generator: torch.Generator, callbacks: Callbacks = Callbacks(),
+          resume: TrainState | None = None) -> Result:
+    """Trains ``params`` (fp32 master weights) in place. Every random draw comes from ``generator``. With ``resume``
+    the run continues from that state (weights, optimizer, generator, data position, history) at its step."""
     flat = FlatParams(params)
     try:
-        return _train(flat, groups, denoise, schedule, settings, generator, callbacks)
+        return _train(flat, groups, denoise, schedule, settings, generator, callbacks, resume)
     finally:
         flat.release_grads()
 
 
 def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: objectives.Schedule,
-           settings: Settings, generator: torch.Generator, callbacks: Callbacks) -> Result:
+           settings: Settings, generator: torch.Generator, callbacks: Callbacks, resume: TrainState | None) -> Result:
     opt = optimizers.build(settings.optimizer, flat.tensors, settings.learning_rate)
     batches = micro_batches(groups, settings.batch_size, generator)
     result = Result()
     smoothed = None
     non_finite_in_a_row = 0
+    first = 0
+    if resume is not None:
+        resume.restore(flat, opt, generator, batches)
+        first, smoothed, non_finite_in_a_row = resume.step, resume.smoothed, resume.non_finite_in_a_row
+        result.losses, result.skipped = list(resume.losses), list(resume.skipped)
     start = time.monotonic()
-    for step in range(settings.steps):
+    for step in range(first, settings.steps):
         lr = settings.learning_rate * settings.lr_schedule.factor(step, settings.steps)
         for param_group in opt.param_groups:
             param_group["lr"] = lr
@@ -144,7 +155,7 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
                 return result
         mean = total / settings.grad_accumulation_steps
         elapsed = time.monotonic() - start
-        eta = elapsed / (step + 1) * (settings.steps - step - 1)
+        eta = elapsed / (step + 1 - first) * (settings.steps - step - 1)
         grad_norm = flat.grad_norm()
         # A NaN/inf loss or gradient never reaches the weights nor the optimizer's state. (With finite gradients the
         # weights stay finite: Adam(W) and RMSprop move each weight by a bounded multiple of lr, SGD by lr·grad.)
@@ -157,14 +168,17 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
             non_finite_in_a_row = 0
             smoothed = mean if smoothed is None else 0.9 * smoothed + 0.1 * mean
             callbacks.step(StepReport(step + 1, settings.steps, mean, smoothed, lr, elapsed, eta, grad_norm=grad_norm))
-            continue
-        flat.zero_grad()
-        result.skipped.append(step + 1)
-        non_finite_in_a_row += 1
-        log.warning("step %d skipped: its loss (%s) or gradients are not finite; the LoRA stays as it was",
-                    step + 1, mean)
-        callbacks.step(StepReport(step + 1, settings.steps, None, smoothed, lr, elapsed, eta, skipped=True))
-        if non_finite_in_a_row == MAX_NON_FINITE_IN_A_ROW:
-            result.diverged = True
-            return result
+        else:
+            flat.zero_grad()
+            result.skipped.append(step + 1)
+            non_finite_in_a_row += 1
+            log.warning("step %d skipped: its loss (%s) or gradients are not finite; the LoRA stays as it was",
+                        step + 1, mean)
+            callbacks.step(StepReport(step + 1, settings.steps, None, smoothed, lr, elapsed, eta, skipped=True))
+            if non_finite_in_a_row == MAX_NON_FINITE_IN_A_ROW:
+                result.diverged = True
+                return result
+        if callbacks.checkpoint_every and (step + 1) % callbacks.checkpoint_every == 0 and step + 1 < settings.steps:
+            callbacks.checkpoint(TrainState.capture(step + 1, flat, opt, generator, batches, result.losses,
+                                                    result.skipped, smoothed, non_finite_in_a_row))
     return result
