@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 
 import torch
 
 import comfy.lora
 import comfy.model_management
+import comfy.model_sampling
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.sd
@@ -26,6 +28,23 @@ class ComfySchedule:
     def __init__(self, model_sampling, device: torch.device):
         self.ms = model_sampling
         self.sigmas = model_sampling.sigmas.detach().float().cpu().clone()  # a normal tensor, not an inference one
+        self.prediction = _prediction(model_sampling)
+        self.flow_shift = _own_flow_shift(model_sampling) if self.prediction == "flow" else None
+
+    def flow_shift_for(self, latent_shape: tuple[int, ...]) -> float | None:
+        """The shift Flux-type sampling gives latents of this size, as ComfyUI's ModelSamplingFlux node computes it:
+        exp(μ), μ linear in the image's tokens, BASE_SHIFT at 256 tokens (256²) and the model's own μ at 4096 (1024²,
+        where Flux's own settings give it). Tokens are 2×2 patches of a 16-channel 8× VAE latent, the layout that
+        node assumes; other layouts (Flux.2's, LTXV's, pixel space) and fixed-shift samplings get None."""
+        flux = getattr(comfy.model_sampling, "ModelSamplingFlux", None)
+        if self.prediction != "flow" or flux is None or not isinstance(self.ms, flux):
+            return None
+        if len(latent_shape) not in (4, 5) or latent_shape[1] != 16 or math.prod(latent_shape[2:-2]) != 1:
+            return None  # not one image of that layout (a 5-D latent is one with a single frame, e.g. Qwen-Image's)
+        tokens = math.ceil(latent_shape[-2] / 2) * math.ceil(latent_shape[-1] / 2)
+        own = float(self.ms.shift)
+        mu = BASE_SHIFT + (own - BASE_SHIFT) * (tokens - 256) / (4096 - 256)
+        return math.exp(mu)
 
     def noisy(self, sigma: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         return self.ms.noise_scaling(sigma.reshape(-1), noise, x0, max_denoise=False)
@@ -34,6 +53,37 @@ class ComfySchedule:
         sigma = sigma.reshape(-1).to(like.device)
         ones = torch.ones((like.shape[0],) + (1,) * (like.ndim - 1), device=like.device)
         return self.ms.calculate_denoised(sigma, ones, torch.zeros_like(ones)).float()
+
+
+BASE_SHIFT = 0.5  # μ at 256 tokens: the default of ComfyUI's ModelSamplingFlux node (and of Flux's reference code)
+
+
+def _prediction(model_sampling) -> str:
+    """What the network predicts, from the model_sampling's prediction class (subclasses first: EDM is a
+    V_PREDICTION, V_PREDICTION and X0 are EPS). Classes this ComfyUI lacks are skipped."""
+    for name, prediction in (("EDM", "other"), ("COSMOS_RFLOW", "other"), ("V_PREDICTION", "v"), ("X0", "x0"),
+                             ("EPS", "eps"), ("CONST", "flow")):
+        cls = getattr(comfy.model_sampling, name, None)
+        if cls is not None and isinstance(model_sampling, cls):
+            if prediction == "v" and float(getattr(model_sampling, "sigma_data", 1.0)) != 1.0:
+                return "other"  # min-SNR's v formula (SNR = 1/σ²) assumes σ_data = 1
+            return prediction
+    return "other"
+
+
+def _own_flow_shift(model_sampling) -> float | None:
+    """The multiplicative shift s a flow model's table is built from (σ = s·t/(1+(s−1)·t)): ModelSamplingDiscreteFlow
+    stores s, ModelSamplingFlux stores μ with s = exp(μ). None for any other sampling."""
+    shift = getattr(model_sampling, "shift", None)
+    flux = getattr(comfy.model_sampling, "ModelSamplingFlux", None)
+    discrete = getattr(comfy.model_sampling, "ModelSamplingDiscreteFlow", None)
+    if shift is None:
+        return None
+    if flux is not None and isinstance(model_sampling, flux):
+        return math.exp(float(shift))
+    if discrete is not None and isinstance(model_sampling, discrete):
+        return float(shift)
+    return None
 
 
 def compute_dtype(patcher) -> torch.dtype:

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 import folder_paths
 
-from ..lora.file_format import TEMP_PREFIX, save_new
+from ..lora.file_format import save_new
 from ..lora.finite import first_non_finite
 from ..training.dataset_file import pack, unpack
 from . import inputs
 from .companions import confined
-
+from .safe_files import inside, listed, read_safetensors
 
 
 def dataset_dir() -> Path:
@@ -22,12 +21,7 @@ def dataset_dir() -> Path:
 
 
 def dataset_choices() -> list[str]:
-    root = dataset_dir()
-    if not root.is_dir():
-        return []
-    # Temporary files of an interrupted save (older versions named them *.safetensors) are never offered.
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")
-                  if p.is_file() and not p.name.startswith(TEMP_PREFIX))
+    return listed(dataset_dir())
 
 
 class SaveTrainingDataset:
@@ -71,18 +65,7 @@ class LoadTrainingDataset:
         return {"required": {"dataset": (dataset_choices(), {"tooltip": "A file in output/training_datasets."})}}
 
     def load(self, dataset):
-        import safetensors
-        import safetensors.torch
-
-        path = dataset_dir() / dataset
-        if not path.resolve().is_relative_to(dataset_dir().resolve()) or not path.is_file():
-            raise ValueError(f"dataset: '{dataset}' is not in {dataset_dir()}")
-        try:
-            tensors = safetensors.torch.load_file(str(path))
-            with safetensors.safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except Exception as e:
-            raise ValueError(f"dataset: '{dataset}' is not a readable safetensors file ({e})") from None
+        tensors, metadata = read_safetensors(inside(dataset_dir(), dataset, "dataset"), "dataset", dataset)
         if where := first_non_finite(tensors):
             raise ValueError(f"dataset: '{dataset}' holds NaN or infinite values (in {where}); encode the data set "
                              "again")

@@ -11,6 +11,7 @@ import folder_paths
 from ..lora.adapter_set import holds_adapters
 from ..lora.file_format import TEMP_PREFIX, stored_steps
 from ..lora.finite import first_non_finite
+from .safe_files import read_safetensors
 
 log = logging.getLogger("lora_trainer")
 NONE = "[None]"
@@ -33,15 +34,7 @@ def read_lora(name: str, what: str = "existing_lora") -> tuple[dict[str, torch.T
         raise ValueError(f"{what}: '{name}' is not in the loras folder")
     if not path.endswith(".safetensors"):
         raise ValueError(f"{what}: '{name}' is not a .safetensors file (other formats can run code when loaded)")
-    import safetensors
-    import safetensors.torch
-
-    try:
-        tensors = safetensors.torch.load_file(path)
-        with safetensors.safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as e:
-        raise ValueError(f"{what}: '{name}' is not a readable safetensors file ({e})") from None
+    tensors, metadata = read_safetensors(path, what, name)
     if tensors and not holds_adapters(tensors):
         raise ValueError(f"{what}: '{name}' is not a LoRA file (it holds full model weights, "
                          f"e.g. '{next(iter(tensors))}'); pick a LoRA, or [None] to start a new one")

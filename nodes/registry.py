@@ -2,6 +2,7 @@
 from .companions import ApplyLoRA, LossGraph, SaveLoRA
 from .dataset import LoadTrainingDataset, SaveTrainingDataset
 from .train_lora import TrainLoRA
+from .training_options import TrainingOptions
 
 NODES = {
     "LoraTrainer_TrainLoRA": (TrainLoRA, "Train LoRA (LoRA Trainer)"),
@@ -10,6 +11,7 @@ NODES = {
     "LoraTrainer_LossGraph": (LossGraph, "Loss Graph (LoRA Trainer)"),
     "LoraTrainer_SaveTrainingDataset": (SaveTrainingDataset, "Save Training Data Set (LoRA Trainer)"),
     "LoraTrainer_LoadTrainingDataset": (LoadTrainingDataset, "Load Training Data Set (LoRA Trainer)"),
+    "LoraTrainer_TrainingOptions": (TrainingOptions, "Training Options (LoRA Trainer)"),
 }
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

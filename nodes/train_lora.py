@@ -18,7 +18,9 @@ from ..training.checkpointing import checkpointed
 from ..training.data import DataError, group_by_shape
 from ..training.objectives import LOSSES
 from ..training.optimizers import OPTIMIZERS
-from . import comfy_bridge, events, inputs, lora_files
+from ..training.train_state import StateError
+from . import comfy_bridge, events, inputs, lora_files, run_saves
+from .training_options import OPTIONS_TYPE, RunOptions
 
 log = logging.getLogger("lora_trainer")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -90,6 +92,8 @@ class TrainLoRA:
                                                                        "(empty = every linear and conv layer)."}),
                 "train_biases_and_norms": ("BOOLEAN", {"default": False,
                                                        "tooltip": "Also train bias and norm-weight offsets."}),
+                "options": (OPTIONS_TYPE, {"tooltip": "From a Training Options node: schedule, clipping, "
+                                                      "intermediate saves, resume."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -105,20 +109,36 @@ class TrainLoRA:
 
     def _train(self, model, latents, positive, node_id, *, batch_size, grad_accumulation_steps, steps, learning_rate,
                rank, optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
-               existing_lora, alpha=0.0, module_filter="", train_biases_and_norms=False):
+               existing_lora, alpha=0.0, module_filter="", train_biases_and_norms=False, options=None):
+        run = RunOptions.of(options)
         samples = inputs.latent_samples(latents, comfy_bridge.latent_dims(model))
         captions = inputs.captions_for(positive, len(samples))
         inputs.check_pairing(latents, positive)
         existing = None
         if existing_lora and existing_lora != lora_files.NONE:
             existing = lora_files.read_lora(existing_lora)
+        recorded = {"batch_size": batch_size, "grad_accumulation_steps": grad_accumulation_steps, "steps": steps,
+                    "learning_rate": learning_rate, "rank": rank, "optimizer": optimizer,
+                    "loss_function": loss_function, "seed": seed, "training_dtype": training_dtype,
+                    "lora_dtype": lora_dtype, "algorithm": algorithm, "gradient_checkpointing": gradient_checkpointing,
+                    "existing_lora": existing_lora, "alpha": alpha, "module_filter": module_filter,
+                    "train_biases_and_norms": train_biases_and_norms, "images": len(samples), **run.identity()}
+        # What a resumed run must share with its original (steps may grow; dtypes of the output may change).
+        identity = {k: v for k, v in recorded.items() if k not in ("steps", "lora_dtype", "gradient_checkpointing")}
+        identity.update(base_model=comfy_bridge.base_model_name(model),
+                        data=run_saves.data_fingerprint(samples, len(captions)))
+        resume, resumed_previous = None, None
+        if run.resume_from:
+            resume, resumed_previous = run_saves.load_resume(run.resume_from, identity, steps)
         autocast, manual_cast = comfy_bridge.training_precision(model, DTYPES[training_dtype])
         settings = loop.Settings(steps=steps, batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps,
                                  learning_rate=learning_rate, optimizer=optimizer, loss_function=loss_function,
-                                 compute_dtype=autocast)
+                                 compute_dtype=autocast, lr_schedule=run.lr_schedule, max_grad_norm=run.max_grad_norm)
         device = comfy.model_management.get_torch_device()
         generator = torch.Generator().manual_seed(seed)
         pbar = comfy.utils.ProgressBar(steps * grad_accumulation_steps)
+        if resume is not None:
+            pbar.update_absolute(resume.step * grad_accumulation_steps)
 
         def on_step(report: loop.StepReport) -> None:
             events.send("progress", {"node": node_id, **vars(report)})
@@ -141,7 +161,21 @@ class TrainLoRA:
                 adapters = AdapterSet.create(root, algorithm, rank, alpha, generator, module_filter,
                                              train_biases_and_norms)
                 previous = 0
+            if resumed_previous is not None:
+                previous = resumed_previous
             adapters.to(device)
+
+            def lora_at(total: int) -> LoraWeights:
+                """The LoRA as it is now, with the metadata of a run that has ``total`` steps in all."""
+                first = next(iter(adapters.adapters.values()), None)
+                metadata = build_metadata(
+                    steps=total, algorithm=adapters.algorithm.name, rank=getattr(first, "rank", rank),
+                    alpha=float(first.alpha) if first is not None else alpha,
+                    base_model=comfy_bridge.base_model_name(model), settings=recorded,
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                return LoraWeights(adapters.file_state(MODEL_PREFIX, DTYPES[lora_dtype]), metadata)
+
+            saves = run_saves.IntermediateSaves(run, lora_at, previous, identity, node_id)
             conditioning = comfy_bridge.SampleConditioning(clone, captions, x0, device, seed)
             conditioning.check(clone, x0)
             schedule = comfy_bridge.ComfySchedule(clone.model.model_sampling, device)
@@ -149,31 +183,26 @@ class TrainLoRA:
             # treats it as a cancel, so the finished steps are kept.
             callbacks = loop.Callbacks(
                 cancelled=comfy.model_management.processing_interrupted, micro_step=lambda: pbar.update(1),
-                step=on_step, cancel_exceptions=(comfy.model_management.InterruptProcessingException,))
+                step=on_step, cancel_exceptions=(comfy.model_management.InterruptProcessingException,),
+                checkpoint_every=run.save_every_n_steps, checkpoint=saves)
             with attached(root, adapters), checkpointed(root, gradient_checkpointing):
-                result = loop.train(adapters.trainable(), groups, comfy_bridge.denoiser(clone, conditioning),
-                                    schedule, settings, generator, callbacks)
+                try:
+                    result = loop.train(adapters.trainable(), groups, comfy_bridge.denoiser(clone, conditioning),
+                                        schedule, settings, generator, callbacks, resume)
+                except StateError as e:
+                    raise ValueError(f"resume_from: '{run.resume_from}' does not fit this run: {e}") from None
 
         total = previous + result.steps_done
-        first = next(iter(adapters.adapters.values()), None)
-        metadata = build_metadata(
-            steps=total, algorithm=adapters.algorithm.name, rank=getattr(first, "rank", rank),
-            alpha=float(first.alpha) if first is not None else alpha, base_model=comfy_bridge.base_model_name(model),
-            settings={"batch_size": batch_size, "grad_accumulation_steps": grad_accumulation_steps,
-                      "steps": steps, "learning_rate": learning_rate, "optimizer": optimizer,
-                      "loss_function": loss_function, "seed": seed, "training_dtype": training_dtype,
-                      "lora_dtype": lora_dtype, "gradient_checkpointing": gradient_checkpointing,
-                      "existing_lora": existing_lora, "module_filter": module_filter,
-                      "train_biases_and_norms": train_biases_and_norms, "images": len(samples)},
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        lora = LoraWeights(adapters.file_state(MODEL_PREFIX, DTYPES[lora_dtype]), metadata)
+        lora = lora_at(total)
         if result.cancelled:
             self._keep_cancelled(lora, total, node_id, result.steps_done)
         if result.diverged:
             self._stop_diverged(lora, total, node_id, result, learning_rate)
-        return {"ui": {"lora_trainer_loss": result.losses, "lora_trainer_skipped": result.skipped},
+        return {"ui": {"lora_trainer_loss": result.losses, "lora_trainer_skipped": result.skipped,
+                       "lora_trainer_saves": saves.steps},
                 "result": (comfy_bridge.with_lora(model, lora), lora,
-                           {"loss": result.losses, "skipped": result.skipped}, total)}
+                           {"loss": result.losses, "skipped": result.skipped, "learning_rate": result.learning_rates,
+                            "grad_norm": result.grad_norms}, total)}
 
     @staticmethod
     def _keep(lora: LoraWeights, total: int, folder: str, steps_done: int) -> str | None:

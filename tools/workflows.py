@@ -48,6 +48,20 @@ def train(model: dict, data: dict, *, save_prefix: str | None = "trained/test", 
     return wf
 
 
+TRAINING_OPTIONS_DEFAULTS: dict[str, Any] = {
+    "lr_schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0, "cycles": 1, "max_grad_norm": 0.0,
+    "save_every_n_steps": 0, "keep_last": 0, "save_prefix": "trained/my_lora", "resume_from": "[None]",
+}
+
+
+def with_options(wf: dict, **fields: Any) -> dict:
+    """``wf`` with a Training Options node (its defaults, overridden by ``fields``) feeding the training node."""
+    wf = {**wf, "options": {"class_type": "LoraTrainer_TrainingOptions",
+                            "inputs": {**TRAINING_OPTIONS_DEFAULTS, **fields}}}
+    wf["train"] = {**wf["train"], "inputs": {**wf["train"]["inputs"], "options": ["options", 0]}}
+    return wf
+
+
 def family_matrix(unet_name: str, family: str, steps: int = 2) -> dict:
     """A generated model through "Load Diffusion Model", trained with checkpointing on and off (node defaults
     otherwise); each LoRA applied by ComfyUI's own LoraModelLoader and its outputs compared with the base model's."""

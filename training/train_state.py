@@ -28,19 +28,22 @@ class TrainState:
     optimizer: dict  # torch.optim state_dict()["state"]: {param index: {name: tensor or number}}
     generator: torch.Tensor  # torch.Generator.get_state()
     data: dict  # MicroBatches.state()
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # the run's history so far (see loop.Result)
     skipped: list[int] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
     smoothed: float | None = None
     non_finite_in_a_row: int = 0
 
     @classmethod
     def capture(cls, step: int, flat: FlatParams, opt: torch.optim.Optimizer, generator: torch.Generator,
-                batches: MicroBatches, losses: list[float], skipped: list[int], smoothed: float | None,
-                non_finite_in_a_row: int) -> "TrainState":
+                batches: MicroBatches, history, smoothed: float | None, non_finite_in_a_row: int) -> "TrainState":
+        """The state after ``step`` steps; ``history`` is the run's loop.Result so far."""
         optimizer = {i: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in s.items()}
                      for i, s in opt.state_dict()["state"].items()}
         return cls(step, [t.detach().cpu().clone() for t in flat.tensors], optimizer, generator.get_state(),
-                   batches.state(), list(losses), list(skipped), smoothed, non_finite_in_a_row)
+                   batches.state(), list(history.losses), list(history.skipped), list(history.learning_rates),
+                   list(history.grad_norms), smoothed, non_finite_in_a_row)
 
     def restore(self, flat: FlatParams, opt: torch.optim.Optimizer, generator: torch.Generator,
                 batches: MicroBatches) -> None:
@@ -53,7 +56,9 @@ class TrainState:
                 target.copy_(saved)
         # load_state_dict moves each tensor to its parameter's device (and "step" where fused Adam keeps it). The
         # current param groups stay (the learning rate is set every step by the schedule); only the state loads.
-        state = {int(i): dict(entries) for i, entries in self.optimizer.items()}
+        # Clones: the optimizer updates its state in place, and tensors read under ComfyUI's inference mode can't be.
+        state = {int(i): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in entries.items()}
+                 for i, entries in self.optimizer.items()}
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
         generator.set_state(self.generator)
         batches.restore(self.data)
@@ -72,7 +77,8 @@ def pack(state: TrainState, info: dict) -> tuple[dict[str, torch.Tensor], dict[s
                 scalars.setdefault(str(i), {})[name] = value
     manifest = {"format": FORMAT, "step": state.step, "weights": len(state.weights), "optimizer_scalars": scalars,
                 "optimizer_params": sorted(int(i) for i in state.optimizer), "data": state.data,
-                "losses": state.losses, "skipped": state.skipped, "smoothed": state.smoothed,
+                "losses": state.losses, "skipped": state.skipped, "learning_rates": state.learning_rates,
+                "grad_norms": state.grad_norms, "smoothed": state.smoothed,
                 "non_finite_in_a_row": state.non_finite_in_a_row, "info": info}
     return tensors, {"manifest": json.dumps(manifest)}
 
@@ -91,7 +97,8 @@ def unpack(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str
             optimizer[int(i)].update(entries)
         state = TrainState(int(manifest["step"]), [tensors[f"weights.{i}"] for i in range(manifest["weights"])],
                            optimizer, tensors["generator"], manifest["data"], [float(v) for v in manifest["losses"]],
-                           [int(v) for v in manifest["skipped"]], manifest["smoothed"],
+                           [int(v) for v in manifest["skipped"]], [float(v) for v in manifest["learning_rates"]],
+                           [float(v) for v in manifest["grad_norms"]], manifest["smoothed"],
                            int(manifest["non_finite_in_a_row"]))
         return state, manifest["info"]
     except (KeyError, ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError

@@ -1,0 +1,92 @@
+"""The Training Options node: what long runs need (schedule, clipping, intermediate saves, resume), kept off the main
+node so that its 16 documented inputs stay as they are. Its output is a plain dict; ``RunOptions.of`` reads it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import folder_paths
+
+from ..training.schedules import LR_SCHEDULES, LRSchedule
+from . import inputs
+from .safe_files import listed
+
+OPTIONS_TYPE = "LORA_TRAINING_OPTIONS"
+NONE = "[None]"
+
+
+def states_dir() -> Path:
+    return Path(folder_paths.get_output_directory()) / "training_states"
+
+
+def state_choices() -> list[str]:
+    return [NONE] + listed(states_dir())
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of one run; the defaults are a run without a Training Options node (what the node always did)."""
+
+    lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+    max_grad_norm: float = 0.0
+    save_every_n_steps: int = 0
+    keep_last: int = 0  # intermediate saves kept (the newest); 0 = all
+    save_prefix: str = "trained/my_lora"
+    resume_from: str | None = None
+
+    @classmethod
+    def of(cls, options: dict | None) -> "RunOptions":
+        if not options:
+            return cls()
+        return cls(
+            lr_schedule=LRSchedule(options["lr_schedule"], options["warmup_steps"], options["min_lr_ratio"],
+                                   options["cycles"]),
+            max_grad_norm=options["max_grad_norm"], save_every_n_steps=options["save_every_n_steps"],
+            keep_last=options["keep_last"], save_prefix=options["save_prefix"],
+            resume_from=None if options["resume_from"] in (None, NONE) else options["resume_from"])
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the run it resumes (saving and resuming themselves may differ)."""
+        s = self.lr_schedule
+        return {"lr_schedule": s.kind, "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio,
+                "cycles": s.cycles, "max_grad_norm": self.max_grad_norm}
+
+
+class TrainingOptions:
+    DESCRIPTION = ("Options for long runs, for the optional 'options' input of Train LoRA: learning-rate schedule, "
+                   "gradient clipping, intermediate saves with a resumable training state, and resuming from one.")
+    CATEGORY = "LoRA Trainer"
+    FUNCTION = "options"
+    RETURN_TYPES = (OPTIONS_TYPE,)
+    RETURN_NAMES = ("options",)
+    OUTPUT_TOOLTIPS = ("Connect to the 'options' input of Train LoRA.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lr_schedule": (list(LR_SCHEDULES), {"default": "constant",
+                                                 "tooltip": "How the learning rate changes over the run."}),
+            "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                     "tooltip": "Steps over which the rate rises linearly to learning_rate."}),
+            "min_lr_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                       "tooltip": "Floor of linear and cosine decay, as a fraction of learning_rate."}),
+            "cycles": ("INT", {"default": 1, "min": 1, "max": 1000,
+                               "tooltip": "cosine_with_restarts: how many times the cosine restarts at learning_rate."}),
+            "max_grad_norm": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000000.0, "step": 0.01,
+                                        "tooltip": "Clip the gradients' global L2 norm to this; 0 = off."}),
+            "save_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                           "tooltip": "Save the LoRA (and a resumable training state) every N "
+                                                      "steps; 0 = off."}),
+            "keep_last": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                  "tooltip": "Intermediate saves to keep (the newest ones); 0 = keep all."}),
+            "save_prefix": ("STRING", {"default": "trained/my_lora",
+                                       "tooltip": "Name prefix of the intermediate saves in the loras folder."}),
+            "resume_from": (state_choices(), {"default": NONE,
+                                              "tooltip": "A training state (output/training_states) to resume "
+                                                         "exactly where it was saved; [None] starts a new run."}),
+        }}
+
+    def options(self, **kw):
+        options = {k: inputs.one(v, k) for k, v in kw.items()}
+        RunOptions.of(options)  # refuses bad combinations here, naming the option
+        return (options,)

@@ -1,0 +1,143 @@
+"""Long runs through the real server (issue 11): the Training Options node, schedules and clipping as the run
+reports them, intermediate saves that ComfyUI's loader reads, and exact resume after kill -9."""
+from __future__ import annotations
+
+import re
+import signal
+import threading
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+import harness
+import workflows as wfs
+
+FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
+
+
+def loss_map_of(server, wf: dict) -> dict:
+    """Runs ``wf`` with a probe that records the training node's LOSS_MAP; returns it and the history entry."""
+    wf = {**wf, "probe": {"class_type": "PreviewAny", "inputs": {"source": ["train", 2]}}}
+    entry = server.run(wf)
+    text = server.outputs(entry, "probe")["text"][0]
+    import json
+
+    return json.loads(text.replace("'", '"')), entry
+
+
+def tensors_of(path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(path))
+
+
+def test_the_schedule_and_clipping_are_used_and_reported(server):
+    wf = wfs.with_options(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), save_prefix=None, steps=8,
+                                    learning_rate=0.001, **FAST),
+                          lr_schedule="cosine", warmup_steps=2, min_lr_ratio=0.1, max_grad_norm=0.05)
+    loss_map, _ = loss_map_of(server, wf)
+    rates = loss_map["learning_rate"]
+    assert rates[:3] == pytest.approx([0.0005, 0.001, 0.001])
+    assert all(a > b for a, b in zip(rates[2:], rates[3:])) and rates[-1] > 0.0001
+    norms = loss_map["grad_norm"]
+    assert len(norms) == 8 and any(n > 0.05 for n in norms), "the limit is below the gradients' norms here"
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """A server of this test's own (it gets killed), on a base directory that a second server reuses."""
+    harness.put_comfyui_on_path()
+    import tiny_models
+
+    tiny_models.write_tiny_sd3(tmp_path / "models" / "diffusion_models" / "tiny_sd3.safetensors")
+    servers = []
+
+    def start() -> harness.ComfyServer:
+        server = harness.ComfyServer(tmp_path, extra_node_packs=(harness.REPO / "tests" / "node_packs" /
+                                                                  "lora_trainer_test_nodes",))
+        servers.append(server.start())
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+RUN = dict(steps=40, batch_size=4, grad_accumulation_steps=2, learning_rate=0.002, seed=5, **FAST)
+
+
+def run_workflow(prefix: str, **options) -> dict:
+    wf = wfs.train(wfs.sd3_model(), wfs.test_data("sd3", count=6), save_prefix=prefix, **RUN)
+    return wfs.with_options(wf, lr_schedule="cosine", warmup_steps=3, max_grad_norm=1.0, save_every_n_steps=10,
+                            save_prefix=prefix, **options)
+
+
+def test_intermediate_saves_keep_the_last_k_and_load_in_comfyui(own_server):
+    server = own_server()
+    entry = server.run(run_workflow("runs/a", keep_last=3))
+    loras = server.base_dir / "models" / "loras" / "runs"
+    assert sorted(p.name for p in loras.iterdir()) == [f"a_{n}_steps_00001.safetensors" for n in (10, 20, 30, 40)]
+    states = server.base_dir / "output" / "training_states" / "runs"
+    assert sorted(p.name for p in states.iterdir()) == [f"a_{n}_steps_00001.safetensors" for n in (10, 20, 30)]
+    assert server.outputs(entry, "train")["lora_trainer_saves"] == [10, 20, 30]
+    for n in (10, 20, 30):
+        with safetensors.safe_open(str(loras / f"a_{n}_steps_00001.safetensors"), framework="pt") as f:
+            assert f.metadata()["lora_trainer.steps"] == str(n)
+    # ComfyUI's own loader reads every intermediate LoRA (no key left unloaded) and it changes the model's output
+    wf = {**wfs.sd3_model(), **wfs.test_data("sd3", count=2)}
+    for n in (10, 20, 30):
+        wf[f"load{n}"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["model", 0], "lora_name": f"runs/a_{n}_steps_00001.safetensors", "strength_model": 1.0}}
+        wf[f"cmp{n}"] = {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
+            "model_a": ["model", 0], "model_b": [f"load{n}", 0], "latents": ["data", 0], "positive": ["data", 1],
+            "nonce": n, "points": 1}}
+    log_start = len(server.log_text())
+    entry = server.run(server.with_defaults(wf))
+    assert all(server.outputs(entry, f"cmp{n}")["rel_diff"][0] > 0 for n in (10, 20, 30))
+    assert "lora key not loaded" not in server.log_text()[log_start:]
+    # keep_last 2: the oldest intermediate pair is removed as soon as a third exists
+    server.run(run_workflow("runs/b", keep_last=2))
+    assert sorted(p.name for p in loras.glob("b_*")) == [f"b_{n}_steps_00001.safetensors" for n in (20, 30, 40)]
+    assert sorted(p.name for p in states.glob("b_*")) == [f"b_{n}_steps_00001.safetensors" for n in (20, 30)]
+
+
+def test_a_run_killed_and_resumed_gives_the_same_lora_as_one_never_stopped(own_server):
+    server = own_server()
+    whole = server.run(run_workflow("runs/whole"))
+    loras = server.base_dir / "models" / "loras" / "runs"
+    reference = tensors_of(loras / "whole_40_steps_00001.safetensors")
+
+    saved = threading.Event()
+    stop = server.listen(lambda m: saved.set() if m["type"] == "lora_trainer.saved" and m["data"]["step"] == 10
+                         else None)
+    try:
+        server.queue(run_workflow("runs/killed"))
+        assert saved.wait(120), "the step-10 save never came"
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(10)
+    finally:
+        stop()
+    assert not (loras / "killed_40_steps_00001.safetensors").exists(), "the run was not killed mid-way"
+
+    server = own_server()  # a new ComfyUI on the same folders
+    state = "runs/killed_10_steps_00001.safetensors"
+    options = server.object_info("LoraTrainer_TrainingOptions")["LoraTrainer_TrainingOptions"]
+    assert state in options["input"]["required"]["resume_from"][0]
+    resumed = server.run(run_workflow("runs/killed", resume_from=state))
+    result = tensors_of(loras / server.outputs(resumed, "save")["text"][0].removeprefix("runs/"))
+    assert result.keys() == reference.keys()
+    assert all(torch.equal(result[k], reference[k]) for k in reference), "the resumed LoRA differs"
+    train_ui = server.outputs(resumed, "train")
+    assert train_ui["lora_trainer_loss"] == server.outputs(whole, "train")["lora_trainer_loss"]
+    assert train_ui["lora_trainer_saves"] == [20, 30]
+
+    mismatched = run_workflow("runs/other", resume_from=state)
+    mismatched["train"]["inputs"]["learning_rate"] = 0.001
+    with pytest.raises(harness.PromptError, match=re.escape(
+            f"resume_from: '{state}' was saved by a run with other settings or data (learning_rate 0.002 there, "
+            "0.001 here)")):
+        server.run(mismatched)
+    other_data = run_workflow("runs/other", resume_from=state)
+    other_data["data"]["inputs"]["seed"] = 1
+    with pytest.raises(harness.PromptError, match=r"resume_from: .* other settings or data \(data '\w+' there"):
+        server.run(other_data)
