@@ -119,6 +119,7 @@ def test_a_resumed_run_is_bit_identical_to_one_that_never_stopped(optimizer):
             resumed = loop.train(aset.trainable(), groups, denoise, sched, loop.Settings(**settings), gen(12345),
                                  resume=round_trip(state))
         assert resumed.losses == whole.losses and resumed.steps_done == 10
+        assert resumed.learning_rates == whole.learning_rates and resumed.grad_norms == whole.grad_norms
         assert all(torch.equal(a, b) for a, b in zip(params_of(aset), params_of(whole_set))), state.step
 
 
