@@ -68,6 +68,8 @@ class Callbacks:
 @dataclass
 class Result:
     losses: list[float] = field(default_factory=list)  # one per applied optimizer step (mean over accumulation)
+    learning_rates: list[float] = field(default_factory=list)  # the rate each applied step used
+    grad_norms: list[float] = field(default_factory=list)  # each applied step's gradient norm before clipping
     skipped: list[int] = field(default_factory=list)  # numbers (1-based) of the steps skipped as non-finite
     cancelled: bool = False
     diverged: bool = False  # stopped after MAX_NON_FINITE_IN_A_ROW skipped steps; the weights are the last finite
@@ -126,6 +128,7 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
         resume.restore(flat, opt, generator, batches)
         first, smoothed, non_finite_in_a_row = resume.step, resume.smoothed, resume.non_finite_in_a_row
         result.losses, result.skipped = list(resume.losses), list(resume.skipped)
+        result.learning_rates, result.grad_norms = list(resume.learning_rates), list(resume.grad_norms)
     start = time.monotonic()
     for step in range(first, settings.steps):
         lr = settings.learning_rate * settings.lr_schedule.factor(step, settings.steps)
@@ -165,6 +168,8 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
             opt.step()
             flat.zero_grad()
             result.losses.append(mean)
+            result.learning_rates.append(lr)
+            result.grad_norms.append(grad_norm)
             non_finite_in_a_row = 0
             smoothed = mean if smoothed is None else 0.9 * smoothed + 0.1 * mean
             callbacks.step(StepReport(step + 1, settings.steps, mean, smoothed, lr, elapsed, eta, grad_norm=grad_norm))
@@ -179,6 +184,6 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
                 result.diverged = True
                 return result
         if callbacks.checkpoint_every and (step + 1) % callbacks.checkpoint_every == 0 and step + 1 < settings.steps:
-            callbacks.checkpoint(TrainState.capture(step + 1, flat, opt, generator, batches, result.losses,
-                                                    result.skipped, smoothed, non_finite_in_a_row))
+            callbacks.checkpoint(TrainState.capture(step + 1, flat, opt, generator, batches, result, smoothed,
+                                                    non_finite_in_a_row))
     return result
