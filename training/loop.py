@@ -142,7 +142,7 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
                 group, rows = next(batches)
                 x0 = group.latents[rows]
                 noise = settings.timesteps.noise(x0.shape, generator)
-                sigma = settings.timesteps.sigmas(schedule, len(rows), generator)
+                sigma = settings.timesteps.sigmas(schedule, len(rows), generator, x0.shape)
                 ids = [group.sample_ids[r] for r in rows]
                 per_sample = sample_loss(denoise, schedule, x0, ids, noise, sigma, settings.loss_function,
                                          settings.compute_dtype)

@@ -15,7 +15,17 @@ import torch.nn.functional as F
 
 
 class Schedule(Protocol):
-    sigmas: torch.Tensor  # the noise levels the model was trained on; we draw from them uniformly
+    """The model's noising process. Optional members, read with getattr by training.timesteps (a schedule without them
+    gets the default sampling, and what needs them is refused by name):
+
+    * ``prediction: str``: what the network outputs, 'eps', 'v' (σ_data = 1), 'flow' (rectified flow,
+      x_t = (1−σ)·x0 + σ·ε), 'x0' or 'other'. Min-SNR weighting and flow shifts depend on it.
+    * ``flow_shift: float | None``: a flow model's own shift s, when its table is σ = s·t/(1+(s−1)·t) at t = i/N.
+    * ``flow_shift_for(latent_shape) -> float | None``: the shift the model's own sampling uses for a micro-batch of
+      latents of this shape (batch, channels, ...), None when it does not depend on the latents' size.
+    """
+
+    sigmas: torch.Tensor  # the noise levels the model was trained on, ascending; the default draws them uniformly
 
     def noisy(self, sigma: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """x_t for clean latents ``x0`` at per-sample noise levels ``sigma``."""
