@@ -133,7 +133,8 @@ class TrainLoRA:
         autocast, manual_cast = comfy_bridge.training_precision(model, DTYPES[training_dtype])
         settings = loop.Settings(steps=steps, batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps,
                                  learning_rate=learning_rate, optimizer=optimizer, loss_function=loss_function,
-                                 compute_dtype=autocast, lr_schedule=run.lr_schedule, max_grad_norm=run.max_grad_norm)
+                                 compute_dtype=autocast, lr_schedule=run.lr_schedule, max_grad_norm=run.max_grad_norm,
+                                 timesteps=run.timesteps)
         device = comfy.model_management.get_torch_device()
         generator = torch.Generator().manual_seed(seed)
         pbar = comfy.utils.ProgressBar(steps * grad_accumulation_steps)
@@ -179,6 +180,8 @@ class TrainLoRA:
             conditioning = comfy_bridge.SampleConditioning(clone, captions, x0, device, seed)
             conditioning.check(clone, x0)
             schedule = comfy_bridge.ComfySchedule(clone.model.model_sampling, device)
+            for group in groups:  # options the model cannot use are refused before any step, naming the option
+                run.timesteps.check(schedule, (1, *group.latents.shape[1:]))
             # ComfyUI raises InterruptProcessingException on cancel from its ops and its progress bar: the loop
             # treats it as a cancel, so the finished steps are kept.
             callbacks = loop.Callbacks(

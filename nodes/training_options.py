@@ -8,6 +8,7 @@ from pathlib import Path
 import folder_paths
 
 from ..training.schedules import LR_SCHEDULES, LRSchedule
+from ..training.timesteps import TIMESTEP_SAMPLINGS, TimestepSampling
 from . import inputs
 from .safe_files import listed
 
@@ -29,6 +30,7 @@ class RunOptions:
 
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
     max_grad_norm: float = 0.0
+    timesteps: TimestepSampling = field(default_factory=TimestepSampling)
     save_every_n_steps: int = 0
     keep_last: int = 0  # intermediate saves kept (the newest); 0 = all
     save_prefix: str = "trained/my_lora"
@@ -41,20 +43,28 @@ class RunOptions:
         return cls(
             lr_schedule=LRSchedule(options["lr_schedule"], options["warmup_steps"], options["min_lr_ratio"],
                                    options["cycles"]),
-            max_grad_norm=options["max_grad_norm"], save_every_n_steps=options["save_every_n_steps"],
+            max_grad_norm=options["max_grad_norm"],
+            timesteps=TimestepSampling(options["timestep_sampling"], options["logit_mean"], options["logit_std"],
+                                       options["shift"], options["resolution_shift"], options["min_snr_gamma"],
+                                       options["noise_offset"]),
+            save_every_n_steps=options["save_every_n_steps"],
             keep_last=options["keep_last"], save_prefix=options["save_prefix"],
             resume_from=None if options["resume_from"] in (None, NONE) else options["resume_from"])
 
     def identity(self) -> dict:
         """What a resumed run must share with the run it resumes (saving and resuming themselves may differ)."""
-        s = self.lr_schedule
+        s, t = self.lr_schedule, self.timesteps
         return {"lr_schedule": s.kind, "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio,
-                "cycles": s.cycles, "max_grad_norm": self.max_grad_norm}
+                "cycles": s.cycles, "max_grad_norm": self.max_grad_norm, "timestep_sampling": t.kind,
+                "logit_mean": t.logit_mean, "logit_std": t.logit_std, "shift": t.shift,
+                "resolution_shift": t.resolution_shift, "min_snr_gamma": t.min_snr_gamma,
+                "noise_offset": t.noise_offset}
 
 
 class TrainingOptions:
     DESCRIPTION = ("Options for long runs, for the optional 'options' input of Train LoRA: learning-rate schedule, "
-                   "gradient clipping, intermediate saves with a resumable training state, and resuming from one.")
+                   "gradient clipping, timestep sampling and loss weighting, intermediate saves with a resumable "
+                   "training state, and resuming from one.")
     CATEGORY = "LoRA Trainer"
     FUNCTION = "options"
     RETURN_TYPES = (OPTIONS_TYPE,)
@@ -74,6 +84,25 @@ class TrainingOptions:
                                "tooltip": "cosine_with_restarts: how many times the cosine restarts at learning_rate."}),
             "max_grad_norm": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000000.0, "step": 0.01,
                                         "tooltip": "Clip the gradients' global L2 norm to this; 0 = off."}),
+            "timestep_sampling": (list(TIMESTEP_SAMPLINGS), {
+                "default": "uniform", "tooltip": "How noise levels are drawn: uniform over the model's own table, or "
+                                                 "logit-normal (concentrated around the middle)."}),
+            "logit_mean": ("FLOAT", {"default": 0.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                     "tooltip": "logit_normal: > 0 trains noisier levels more, < 0 cleaner ones."}),
+            "logit_std": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 10.0, "step": 0.01,
+                                    "tooltip": "logit_normal: spread of the levels (smaller = more concentrated)."}),
+            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                "tooltip": "Flow models: train at this timestep shift instead of the model's own "
+                                           "(3 = SD3's); 0 = the model's own."}),
+            "resolution_shift": ("BOOLEAN", {"default": False,
+                                             "tooltip": "Flux-type flow models: the shift of each latent's size, as "
+                                                        "ComfyUI's ModelSamplingFlux computes it."}),
+            "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                        "tooltip": "ε- and v-prediction models: min-SNR-γ loss weighting (5 is "
+                                                   "usual); 0 = off."}),
+            "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                       "tooltip": "Adds a per-channel constant to the noise (0.03-0.1 helps very "
+                                                  "dark and bright images); 0 = off."}),
             "save_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
                                            "tooltip": "Save the LoRA (and a resumable training state) every N "
                                                       "steps; 0 = off."}),

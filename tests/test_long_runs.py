@@ -141,3 +141,40 @@ def test_a_run_killed_and_resumed_gives_the_same_lora_as_one_never_stopped(own_s
     other_data["data"]["inputs"]["seed"] = 1
     with pytest.raises(harness.PromptError, match=r"resume_from: .* other settings or data \(data '\w+' there"):
         server.run(other_data)
+
+
+def lora_of(server, wf: dict) -> dict[str, torch.Tensor]:
+    entry = server.run(wf)
+    return tensors_of(server.base_dir / "models" / "loras" / server.outputs(entry, "save")["text"][0])
+
+
+@pytest.mark.parametrize("model, options", [
+    ("sd3", dict(timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.8)),
+    ("sd3", dict(shift=6.0)),
+    ("sd3", dict(noise_offset=0.1)),
+    ("sd15", dict(min_snr_gamma=5.0)),
+    ("sd15", dict(timestep_sampling="logit_normal", noise_offset=0.05, min_snr_gamma=1.0)),
+], ids=["sd3 logit-normal", "sd3 shift", "sd3 noise offset", "sd15 min-snr", "sd15 all"])
+def test_timestep_options_change_what_is_trained(server, model, options):
+    base = wfs.sd3_model() if model == "sd3" else wfs.sd15_model()
+    wf = wfs.train(base, wfs.test_data(model), save_prefix=f"timesteps/{model}", steps=3, **FAST)
+    plain = lora_of(server, wf)
+    changed = lora_of(server, wfs.with_options(wf, **options))
+    assert plain.keys() == changed.keys()
+    assert any(not torch.equal(plain[k], changed[k]) for k in plain)
+
+
+@pytest.mark.parametrize("model, options, message", [
+    ("sd3", dict(min_snr_gamma=5.0), "min_snr_gamma: min-SNR weighting is defined for ε- and v-prediction models; "
+                                     "this model's prediction type is 'flow'"),
+    ("sd3", dict(resolution_shift=True), "resolution_shift: "),
+    ("sd15", dict(shift=3.0), "shift: applies to flow-matching models only; this model's prediction type is 'eps'"),
+])
+def test_timestep_options_a_model_cannot_use_are_named(server, model, options, message):
+    base = wfs.sd3_model() if model == "sd3" else wfs.sd15_model()
+    wf = wfs.with_options(wfs.train(base, wfs.test_data(model), save_prefix="timesteps/refused", steps=1, **FAST),
+                          **options)
+    with pytest.raises(harness.PromptError) as caught:
+        server.run(wf)
+    error = next(m[1] for m in caught.value.payload["status"]["messages"] if m[0] == "execution_error")
+    assert error["exception_message"].startswith(message), error["exception_message"]
