@@ -22,6 +22,9 @@ KNOWN_SUFFIXES = (
 )
 
 
+_FLOAT32_SUFFIXES = (".alpha", ".dora_scale")
+
+
 class LoraFileError(ValueError):
     """A LoRA state dict that cannot be used with this model."""
 
@@ -60,16 +63,23 @@ class AdapterSet(nn.Module):
     # -- building ------------------------------------------------------------------------------------------------
     @classmethod
     def create(cls, root: nn.Module, algorithm: str, rank: int, alpha: float, generator: torch.Generator,
-               patterns: str = "", train_biases_and_norms: bool = False) -> "AdapterSet":
+               patterns: str = "", train_biases_and_norms: bool = False, *, dora: bool = False,
+               rs_lora: bool = False) -> "AdapterSet":
+        """New adapters on every layer ``patterns`` selects. ``dora``: weight-decomposed (a trainable magnitude per
+        input channel, saved as ``dora_scale``); ``rs_lora``: scale alpha/√rank, stored so ComfyUI loads it alike
+        (see ``Adapter.create``). A ValueError names an option the algorithm cannot take."""
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm '{algorithm}' is not one of {', '.join(ALGORITHMS)}")
         algo = ALGORITHMS[algorithm]
+        algo.check_options(dora=dora, rs_lora=rs_lora)
         layers = adaptable_layers(root, patterns)
         if not layers:
             # Starts with the input's name, as every input error of the node does (issue 10: errors name the input).
             raise ValueError(f"module_filter: '{patterns}' matches no linear or convolution layer of this model (the "
                              "module filter keeps the layers whose name contains one of its comma-separated parts)")
-        adapters = {name: algo.create(spec, rank, alpha, generator) for name, spec in sorted(layers.items())}
+        adapters = {name: algo.create(spec, rank, alpha, generator, rs_lora=rs_lora,
+                                      dora_layer=root.get_submodule(name) if dora else None)
+                    for name, spec in sorted(layers.items())}
         biases, norms = {}, {}
         if train_biases_and_norms:
             for name in sorted(layers):
@@ -129,9 +139,10 @@ class AdapterSet(nn.Module):
             out[f"{prefix}{name}.{BIAS_SUFFIX}"] = delta.detach()
         for name, delta in self.norm_deltas.items():
             out[f"{prefix}{name}.{NORM_SUFFIX}"] = delta.detach()
-        # alpha stays fp32: it is a scalar, and bf16 cannot hold every alpha a user may type.
-        return {k: v.to(device="cpu", dtype=torch.float32 if k.endswith(".alpha") else dtype).contiguous().clone()
-                for k, v in out.items()}
+        # alpha stays fp32: it is a scalar, and bf16 cannot hold every alpha a user may type. So does dora_scale: it
+        # multiplies the base weight itself, and bf16 rounding (up to 2^-8) would change the model even where ΔW = 0.
+        return {k: v.to(device="cpu", dtype=torch.float32 if k.endswith(_FLOAT32_SUFFIXES) else dtype)
+                .contiguous().clone() for k, v in out.items()}
 
 
 def _check_dimensions(tensors: dict[str, torch.Tensor]) -> None:

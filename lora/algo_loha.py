@@ -23,15 +23,15 @@ class LoHa(Adapter):
         return self.w1b.shape[0]
 
     @classmethod
-    def create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator) -> "LoHa":
+    def _create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator, rs_lora: bool) -> "LoHa":
         # Normal factors with standard deviation 0.1; w2a starts at zero so ΔW = 0 at step 0.
         out, fan_in = spec.out_features, spec.fan_in
         w1a, w1b = normal((out, rank), 0.1, generator), normal((rank, fan_in), 0.1, generator)
         w2b = normal((rank, fan_in), 0.1, generator)
-        return cls(spec, w1a.data, w1b.data, zeros((out, rank)).data, w2b.data, cls.resolve_alpha(alpha, rank))
+        return cls(spec, w1a.data, w1b.data, zeros((out, rank)).data, w2b.data, cls.resolve_alpha(alpha, rank, rs_lora))
 
     @classmethod
-    def from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "LoHa":
+    def _from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "LoHa":
         if "hada_t1" in tensors or "hada_t2" in tensors:
             raise AdapterFitError("LoHa with Tucker tensors (hada_t1/hada_t2) is not supported for training")
         w1a, w1b, w2a, w2b = (require(tensors, k, spec) for k in _KEYS)
@@ -41,10 +41,8 @@ class LoHa(Adapter):
             check_shape(key, t, want)
         return cls(spec, w1a, w1b, w2a, w2b, stored_alpha(tensors, float(rank)))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {k: getattr(self, k.replace("hada_", "").replace("_", "")).detach() for k in _KEYS}
-        out["alpha"] = self._alpha_tensor()
-        return out
+    def _factor_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k.replace("hada_", "").replace("_", "")).detach() for k in _KEYS}
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.w1a @ self.w1b) * (self.w2a @ self.w2b) * (self.alpha / self.rank)

@@ -41,16 +41,16 @@ class LoKr(Adapter):
         return self.w2b.shape[0]
 
     @classmethod
-    def create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator) -> "LoKr":
+    def _create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator, rs_lora: bool) -> "LoKr":
         o1, o2, i1, i2k = cls.factors(spec)
         rank = max(1, min(rank, o2, i2k))
         w1 = normal((o1, i1), 1.0 / math.sqrt(i1), generator)
         w2a = normal((o2, rank), 1.0 / math.sqrt(rank), generator)
         # w2b = 0: ΔW = 0 at step 0. The default alpha follows the rank after clamping (scale 1).
-        return cls(spec, w1.data, w2a.data, zeros((rank, i2k)).data, cls.resolve_alpha(alpha, rank))
+        return cls(spec, w1.data, w2a.data, zeros((rank, i2k)).data, cls.resolve_alpha(alpha, rank, rs_lora))
 
     @classmethod
-    def from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "LoKr":
+    def _from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "LoKr":
         w1 = require(tensors, "lokr_w1", spec)
         if "lokr_w2" in tensors:  # full second factor: keep it trainable as a rank-full product
             w2 = require(tensors, "lokr_w2", spec).reshape(tensors["lokr_w2"].shape[0], -1)
@@ -66,9 +66,8 @@ class LoKr(Adapter):
         check_shape("lokr_w1 ⊗ lokr_w2", torch.empty(o, i, device="meta"), (spec.out_features, spec.fan_in))
         return cls(spec, w1, w2a, w2b, alpha)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"lokr_w1": self.w1.detach(), "lokr_w2_a": self.w2a.detach(), "lokr_w2_b": self.w2b.detach(),
-                "alpha": self._alpha_tensor()}
+    def _factor_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lokr_w1": self.w1.detach(), "lokr_w2_a": self.w2a.detach(), "lokr_w2_b": self.w2b.detach()}
 
     def delta_weight(self) -> torch.Tensor:
         delta = torch.kron(self.w1, self.w2a @ self.w2b) * (self.alpha / self.rank)

@@ -23,14 +23,14 @@ class LoRA(Adapter):
         return self.down.shape[0]
 
     @classmethod
-    def create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator) -> "LoRA":
+    def _create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator, rs_lora: bool) -> "LoRA":
         # Kaiming-uniform-like down projection, zero up projection: the model is unchanged at step 0.
         bound = 1.0 / math.sqrt(spec.fan_in)
         down = (torch.rand((rank, spec.fan_in), generator=generator) * 2 - 1) * bound
-        return cls(spec, down, zeros((spec.out_features, rank)).data, cls.resolve_alpha(alpha, rank))
+        return cls(spec, down, zeros((spec.out_features, rank)).data, cls.resolve_alpha(alpha, rank, rs_lora))
 
     @classmethod
-    def from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "LoRA":
+    def _from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "LoRA":
         if "lora_mid.weight" in tensors:
             raise AdapterFitError("LoCon with a mid (Tucker) tensor is not supported for training")
         down, up = require(tensors, "lora_down.weight", spec), require(tensors, "lora_up.weight", spec)
@@ -39,11 +39,15 @@ class LoRA(Adapter):
         check_shape("lora_up.weight", up.reshape(up.shape[0], -1), (spec.out_features, rank))
         return cls(spec, down, up, stored_alpha(tensors, float(rank)))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def _factor_tensors(self) -> dict[str, torch.Tensor]:
         k = self.spec.kernel_size
         down = self.down.detach().reshape(self.rank, self.spec.in_features, *k)
         up = self.up.detach().reshape(self.spec.out_features, self.rank, *([1] * len(k)))
-        return {"lora_down.weight": down, "lora_up.weight": up, "alpha": self._alpha_tensor()}
+        return {"lora_down.weight": down, "lora_up.weight": up}
+
+    def _add_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        # In place, without an (out, fan_in) up·down temporary: the largest layers make that a few hundred MB.
+        return weight.addmm_(self.up, self.down, alpha=self.alpha / self.rank)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         scale = self.alpha / self.rank

@@ -22,6 +22,11 @@ def block_size_for(out_features: int, rank: int) -> int:
 class OFT(Adapter):
     name = "OFT"
     marker_suffixes = ("oft_blocks",)
+    # ComfyUI's OFT merge with a dora_scale multiplies the rotation's change by alpha, here the norm constraint
+    # (0 = unconstrained, which would drop the rotation): no file could load as it trained.
+    dora_unsupported = ("only LoRA, LoHa and LoKr support it (ComfyUI's loader scales OFT's change by its alpha, "
+                        "a norm constraint, when a dora_scale is present)")
+    rs_lora_unsupported = "OFT has no alpha/rank scale to change (its alpha is a norm constraint)"
 
     def __init__(self, spec: LayerSpec, blocks: torch.Tensor, alpha: float):
         super().__init__(spec, alpha)
@@ -32,13 +37,13 @@ class OFT(Adapter):
         return 0.0
 
     @classmethod
-    def create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator) -> "OFT":
+    def _create(cls, spec: LayerSpec, rank: int, alpha: float, generator: torch.Generator, rs_lora: bool) -> "OFT":
         size = block_size_for(spec.out_features, rank)
         blocks = zeros((spec.out_features // size, size, size)).data  # Q = 0: R = I
-        return cls(spec, blocks, cls.resolve_alpha(alpha, rank))
+        return cls(spec, blocks, cls.resolve_alpha(alpha, rank, rs_lora))
 
     @classmethod
-    def from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "OFT":
+    def _from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> "OFT":
         blocks = require(tensors, "oft_blocks", spec)
         size = blocks.shape[-1]
         check_shape("oft_blocks", blocks, (spec.out_features // size, size, size))
@@ -46,8 +51,8 @@ class OFT(Adapter):
             raise AdapterFitError(f"'oft_blocks' block size {size} does not divide {spec.out_features} outputs")
         return cls(spec, blocks, stored_alpha(tensors, 0.0))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"oft_blocks": self.blocks.detach(), "alpha": self._alpha_tensor()}
+    def _factor_tensors(self) -> dict[str, torch.Tensor]:
+        return {"oft_blocks": self.blocks.detach()}
 
     def rotation(self) -> torch.Tensor:
         q = self.blocks - self.blocks.transpose(1, 2)

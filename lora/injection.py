@@ -34,6 +34,14 @@ def _layer_hook(adapter: Adapter | None, bias_delta: nn.Parameter | None, channe
     return hook
 
 
+def _input_hook(adapter: Adapter):
+    """DoRA: scales the layer's input before the layer runs (the forward hook then sees the scaled input too)."""
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (adapter.scale_input(args[0], module), *args[1:])
+
+    return hook
+
+
 def _norm_hook(delta: nn.Parameter):
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0]
@@ -55,6 +63,8 @@ def attached(root: nn.Module, adapters: AdapterSet) -> Iterator[None]:
             spec_dim = adapter.spec.channel_dim if adapter is not None else _channel_dim_of(root.get_submodule(name))
             hook = _layer_hook(adapter, adapters.bias_deltas.get(name), spec_dim)
             handles.append(root.get_submodule(name).register_forward_hook(hook))
+            if adapter is not None and adapter.dora_scale is not None:
+                handles.append(root.get_submodule(name).register_forward_pre_hook(_input_hook(adapter)))
         for name, delta in adapters.norm_deltas.items():
             handles.append(root.get_submodule(name).register_forward_hook(_norm_hook(delta)))
         yield

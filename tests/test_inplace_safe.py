@@ -116,14 +116,15 @@ def test_torch_checkpoint_is_silently_wrong_on_inplace_blocks():
     assert not torch.allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "LoKr", "OFT"])
+@pytest.mark.parametrize("algorithm,dora", [("LoRA", False), ("LoHa", False), ("LoKr", False), ("OFT", False),
+                                            ("LoRA", True), ("LoHa", True)])
 @pytest.mark.parametrize("with_checkpointing", [False, True])
-def test_adapters_train_through_inplace_blocks(algorithm, with_checkpointing):
+def test_adapters_train_through_inplace_blocks(algorithm, dora, with_checkpointing):
     """Adapter hooks save the layer inputs that the block later overwrites: same adapter gradients as out of place."""
     grads = []
     for inplace in (False, True):
         model = net(inplace)
-        adapters = AdapterSet.create(model, algorithm, 2, 0.0, torch.Generator().manual_seed(3), "", False)
+        adapters = AdapterSet.create(model, algorithm, 2, 0.0, torch.Generator().manual_seed(3), "", False, dora=dora)
         with torch.no_grad():  # non-zero up weights, so every adapter tensor gets a gradient
             for p in adapters.trainable():
                 p.add_(0.1)

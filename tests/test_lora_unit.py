@@ -455,15 +455,17 @@ def all_hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_attached_removes_hooks_on_exit_and_on_exception():
+@pytest.mark.parametrize("dora", [False, True])
+def test_attached_removes_hooks_on_exit_and_on_exception(dora):
     model = small_model()
-    aset = AdapterSet.create(model, "LoHa", 2, 0.0, gen(1), train_biases_and_norms=True)
+    aset = AdapterSet.create(model, "LoHa", 2, 0.0, gen(1), train_biases_and_norms=True, dora=dora)
     perturb(aset, 2, std=0.1)
     x = small_input()
     with torch.no_grad():
         before = model(x)
         with attached(model, aset):
-            assert all_hooks(model) == len(LAYER_NAMES) + 2  # 4 layers + 2 norms
+            # 4 layers (DoRA: each with an input pre-hook too) + 2 norms
+            assert all_hooks(model) == len(LAYER_NAMES) * (1 + dora) + 2
             assert not torch.allclose(model(x), before, atol=1e-4)
         assert all_hooks(model) == 0
         assert torch.equal(model(x), before)
