@@ -139,3 +139,61 @@ def test_a_file_that_is_no_state_is_refused():
 
     with pytest.raises(StateError, match="'x.safetensors' is not a training state file"):
         unpack({"w": torch.ones(1)}, {"manifest": '{"format": "lora_trainer.dataset/1"}'}, "x.safetensors")
+
+
+# -- EMA -------------------------------------------------------------------------------------------------------------
+def test_ema_weights_are_the_moving_average_of_the_trained_ones():
+    net, aset, groups, sched, denoise = toy_problem(0)
+    trajectory = [torch.cat([p.detach().reshape(-1).clone() for p in aset.parameters()])]
+    with attached(net, aset):
+        loop.train(aset.trainable(), groups, denoise, sched,
+                   loop.Settings(steps=6, batch_size=2, learning_rate=0.05, ema_decay=0.8), gen(0),
+                   loop.Callbacks(step=lambda r: trajectory.append(
+                       torch.cat([p.detach().reshape(-1).clone() for p in aset.parameters()]))))
+    expected = trajectory[0]
+    for weights in trajectory[1:]:
+        expected = 0.8 * expected + 0.2 * weights
+    final = torch.cat([p.detach().reshape(-1) for p in aset.parameters()])
+    torch.testing.assert_close(final, expected)
+    assert not torch.equal(final, trajectory[-1]), "the result is the average, not the last step"
+
+
+def test_a_resumed_run_with_ema_is_bit_identical_too():
+    settings = dict(steps=8, batch_size=2, learning_rate=0.05, optimizer="Adam", ema_decay=0.9)
+    states = []
+    whole, whole_set, _ = run_train(seed=3, callbacks=loop.Callbacks(checkpoint_every=3, checkpoint=states.append),
+                                    **settings)
+    assert states[0].ema is not None
+    net, aset, groups, sched, denoise = toy_problem(3)
+    with attached(net, aset):
+        loop.train(aset.trainable(), groups, denoise, sched, loop.Settings(**settings), gen(0),
+                   resume=round_trip(states[1]))
+    assert all(torch.equal(a, b) for a, b in zip(params_of(aset), params_of(whole_set)))
+
+
+def test_bad_ema_decay_is_refused():
+    with pytest.raises(ValueError, match="ema_decay"):
+        run_train(steps=1, ema_decay=1.0)
+
+
+# -- validation ------------------------------------------------------------------------------------------------------
+def test_validation_is_deterministic_and_leaves_training_alone():
+    from training.validation import Validation
+
+    net, aset, groups, sched, denoise = toy_problem(0)
+    validation = Validation(groups, sched, seed=1)
+
+    def evaluate() -> float:
+        with attached(net, aset):
+            return validation.loss(lambda *a: loop.sample_loss(*a[:1], sched, *a[1:], "MSE"), denoise)
+
+    before = evaluate()
+    assert evaluate() == before
+    seen = []
+    with attached(net, aset):
+        validated = loop.train(aset.trainable(), groups, denoise, sched,
+                               loop.Settings(steps=10, batch_size=2, learning_rate=0.05, optimizer="Adam"), gen(0),
+                               loop.Callbacks(step=lambda r: seen.append(evaluate())))
+    plain, _, _ = run_train(steps=10)
+    assert validated.losses == plain.losses, "evaluating never changes the training's draws"
+    assert len(seen) == 10 and min(seen) < before and len(set(seen)) == 10, "it follows what training changed"

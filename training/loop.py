@@ -16,6 +16,7 @@ from .timesteps import TimestepSampling
 from .flat_params import FlatParams
 from .inplace_safe import CopyOnWrite, protected
 from .data import Group, micro_batches
+from .ema import EMA
 from .train_state import TrainState
 
 log = logging.getLogger("lora_trainer")
@@ -38,6 +39,7 @@ class Settings:
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
     max_grad_norm: float = 0.0  # clip the gradients' global L2 norm to this; 0 = no clipping
     timesteps: TimestepSampling = field(default_factory=TimestepSampling)
+    ema_decay: float = 0.0  # > 0: the weights returned are an exponential moving average with this decay
 
 
 @dataclass
@@ -110,13 +112,17 @@ def train(params: Iterable[torch.nn.Parameter], groups: list[Group], denoise: De
     """Trains ``params`` (fp32 master weights) in place. Every random draw comes from ``generator``. With ``resume``
     the run continues from that state (weights, optimizer, generator, data position, history) at its step."""
     flat = FlatParams(params)
+    ema = EMA(flat, settings.ema_decay) if settings.ema_decay else None
     try:
-        return _train(flat, groups, denoise, schedule, settings, generator, callbacks, resume)
+        result = _train(flat, ema, groups, denoise, schedule, settings, generator, callbacks, resume)
+        if ema is not None:  # the average is the result, also of a cancelled or diverged run
+            ema.copy_to(flat)
+        return result
     finally:
         flat.release_grads()
 
 
-def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: objectives.Schedule,
+def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: DenoiseFn, schedule: objectives.Schedule,
            settings: Settings, generator: torch.Generator, callbacks: Callbacks, resume: TrainState | None) -> Result:
     opt = optimizers.build(settings.optimizer, flat.tensors, settings.learning_rate)
     batches = micro_batches(groups, settings.batch_size, generator)
@@ -125,7 +131,7 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
     non_finite_in_a_row = 0
     first = 0
     if resume is not None:
-        resume.restore(flat, opt, generator, batches)
+        resume.restore(flat, opt, generator, batches, ema)
         first, smoothed, non_finite_in_a_row = resume.step, resume.smoothed, resume.non_finite_in_a_row
         result.losses, result.skipped = list(resume.losses), list(resume.skipped)
         result.learning_rates, result.grad_norms = list(resume.learning_rates), list(resume.grad_norms)
@@ -166,6 +172,8 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
             if 0 < settings.max_grad_norm < grad_norm:
                 flat.scale_grads(settings.max_grad_norm / grad_norm)
             opt.step()
+            if ema is not None:
+                ema.update(flat)
             flat.zero_grad()
             result.losses.append(mean)
             result.learning_rates.append(lr)
@@ -184,6 +192,8 @@ def _train(flat: FlatParams, groups: list[Group], denoise: DenoiseFn, schedule: 
                 result.diverged = True
                 return result
         if callbacks.checkpoint_every and (step + 1) % callbacks.checkpoint_every == 0 and step + 1 < settings.steps:
-            callbacks.checkpoint(TrainState.capture(step + 1, flat, opt, generator, batches, result, smoothed,
-                                                    non_finite_in_a_row))
+            state = TrainState.capture(step + 1, flat, opt, generator, batches, result, smoothed, non_finite_in_a_row,
+                                       ema)
+            with ema.applied(flat) if ema is not None else contextlib.nullcontext():  # what is saved is the result
+                callbacks.checkpoint(state)
     return result

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import MicroBatches
+from .ema import EMA
 from .flat_params import FlatParams
 
 FORMAT = "lora_trainer.train_state/1"
@@ -34,19 +35,22 @@ class TrainState:
     grad_norms: list[float] = field(default_factory=list)
     smoothed: float | None = None
     non_finite_in_a_row: int = 0
+    ema: list[torch.Tensor] | None = None  # the moving average of the weights, when the run keeps one
 
     @classmethod
     def capture(cls, step: int, flat: FlatParams, opt: torch.optim.Optimizer, generator: torch.Generator,
-                batches: MicroBatches, history, smoothed: float | None, non_finite_in_a_row: int) -> "TrainState":
+                batches: MicroBatches, history, smoothed: float | None, non_finite_in_a_row: int,
+                ema: EMA | None = None) -> "TrainState":
         """The state after ``step`` steps; ``history`` is the run's loop.Result so far."""
         optimizer = {i: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in s.items()}
                      for i, s in opt.state_dict()["state"].items()}
         return cls(step, [t.detach().cpu().clone() for t in flat.tensors], optimizer, generator.get_state(),
                    batches.state(), list(history.losses), list(history.skipped), list(history.learning_rates),
-                   list(history.grad_norms), smoothed, non_finite_in_a_row)
+                   list(history.grad_norms), smoothed, non_finite_in_a_row,
+                   None if ema is None else [t.detach().cpu().clone() for t in ema.shadow])
 
     def restore(self, flat: FlatParams, opt: torch.optim.Optimizer, generator: torch.Generator,
-                batches: MicroBatches) -> None:
+                batches: MicroBatches, ema: EMA | None = None) -> None:
         shapes = [tuple(t.shape) for t in flat.tensors]
         if [tuple(w.shape) for w in self.weights] != shapes:
             raise StateError(f"it holds weights of sizes {[tuple(w.shape) for w in self.weights]}, this run trains "
@@ -62,12 +66,20 @@ class TrainState:
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
         generator.set_state(self.generator)
         batches.restore(self.data)
+        if (ema is None) != (self.ema is None):
+            raise StateError("it was saved by a run " + ("without" if self.ema is None else "with") + " an EMA of the "
+                             "weights, this run " + ("keeps one" if ema is not None else "keeps none"))
+        if ema is not None:
+            with torch.no_grad():
+                for average, saved in zip(ema.shadow, self.ema):
+                    average.copy_(saved)
 
 
 def pack(state: TrainState, info: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and string metadata of a state; ``info`` (JSON) is what the caller needs to check a resume."""
     tensors = {f"weights.{i}": w.contiguous() for i, w in enumerate(state.weights)}
     tensors["generator"] = state.generator.contiguous()
+    tensors.update({f"ema.{i}": t.contiguous() for i, t in enumerate(state.ema or [])})
     scalars: dict[str, dict] = {}
     for i, entries in state.optimizer.items():
         for name, value in entries.items():
@@ -99,7 +111,8 @@ def unpack(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str
                            optimizer, tensors["generator"], manifest["data"], [float(v) for v in manifest["losses"]],
                            [int(v) for v in manifest["skipped"]], [float(v) for v in manifest["learning_rates"]],
                            [float(v) for v in manifest["grad_norms"]], manifest["smoothed"],
-                           int(manifest["non_finite_in_a_row"]))
+                           int(manifest["non_finite_in_a_row"]),
+                           [tensors[f"ema.{i}"] for i in range(manifest["weights"])] if "ema.0" in tensors else None)
         return state, manifest["info"]
     except (KeyError, ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
         raise StateError(f"'{name}' is not a training state file of this pack ({e!r})") from None
