@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -241,6 +241,9 @@ def trainable_model(patcher, manual_cast: torch.dtype | None = None) -> Iterator
     extra RAM or VRAM and no per-weight work). ComfyUI applies object patches on load and puts the originals back on
     unload; weights it patches or moves while loading (an upstream LoRA, a device move) are new ordinary tensors
     anyway. The input MODEL, its patches and options are never touched."""
+    # Another clone of this model loaded earlier (e.g. a LoRA-patched MODEL a sampler used) leaves its patched
+    # weights in the modules until it is unloaded: training must read, and alias, the base weights.
+    _unload(lambda loaded: loaded.model is patcher.model)
     clone = patcher.clone()
     clone.weight_inplace_update = False  # in-place writes into inference tensors are not allowed outside inference
     if manual_cast is not None:
@@ -262,7 +265,7 @@ def trainable_model(patcher, manual_cast: torch.dtype | None = None) -> Iterator
     finally:
         if has_switch:
             comfy.model_management.in_training = was_training
-        _release(clone)
+        _unload(lambda loaded: loaded is clone)  # the memory manager puts the original weights back
 
 
 def _ordinary_alias(param: torch.Tensor) -> torch.nn.Parameter:
@@ -273,11 +276,13 @@ def _ordinary_alias(param: torch.Tensor) -> torch.nn.Parameter:
     return torch.nn.Parameter(alias, requires_grad=False)
 
 
-def _release(clone) -> None:
-    """Unloads the training clone through the memory manager, which puts the original weights back."""
+def _unload(which: Callable[[object], bool]) -> None:
+    """Unloads, through ComfyUI's memory manager, every loaded model patcher ``which`` selects: unloading puts each
+    patched weight back to its original."""
     loaded_models = comfy.model_management.current_loaded_models
     for i in reversed(range(len(loaded_models))):
-        if loaded_models[i].model is clone:
+        loaded = loaded_models[i].model  # None when 0.33 has already dropped it (a weak reference)
+        if loaded is not None and which(loaded):
             loaded_models[i].model_unload()
             loaded_models.pop(i)
 

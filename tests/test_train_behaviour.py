@@ -3,6 +3,7 @@ import threading
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import harness
@@ -139,3 +140,17 @@ def test_half_precision_base_models_train_with_the_documented_defaults(server, b
     assert entry["outputs"]["cmp"]["rel_diff"][0] > 0  # the LoRA changed the model
     lora = saved(server, entry)
     assert all(t.dtype == __import__("torch").bfloat16 for k, t in lora.items() if not k.endswith(".alpha"))
+
+
+def test_training_reads_the_base_weights_after_a_lora_patched_model_ran(server):
+    """A LoRA-patched clone of the model that ran last (here model_with_lora, as a sampler would use it) leaves its
+    patched weights in the modules until it is unloaded; training must still start from the base weights: the same
+    training, run again afterwards, gives the same LoRA."""
+    wf = wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), save_prefix="base_weights/first", steps=3, seed=21, **FAST)
+    wf["use"] = {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
+        "model_a": ["train", 0], "model_b": ["train", 0], "latents": ["data", 0], "positive": ["data", 1], "nonce": 7}}
+    first = saved(server, server.run(wf))
+    wf["train"]["inputs"]["module_filter"] = ""  # the same training under another input signature: it runs again
+    wf["save"]["inputs"]["prefix"] = "base_weights/again"
+    again = saved(server, server.run(wf))
+    assert all(torch.equal(first[k], again[k]) for k in first), "the second training started from patched weights"
