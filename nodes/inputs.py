@@ -1,6 +1,9 @@
 """Turning the node's (list-mode) LATENT and CONDITIONING inputs into per-sample latents and captions."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from ..lora.finite import first_non_finite
@@ -96,3 +99,14 @@ def check_pairing(latents, positive) -> None:
         raise ValueError(f"positive: its items hold {captions} captions but the latents' items hold {images} images; "
                          "connect latents and positive from the same node (e.g. both from ResolutionBucket) so each "
                          "image keeps its own caption")
+
+
+@contextlib.contextmanager
+def as_validation_data() -> Iterator[None]:
+    """The checks of ``latents`` and ``positive`` applied to the validation data: their errors name
+    ``validation_latents`` / ``validation_positive`` instead."""
+    try:
+        yield
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(f"validation_{message}" if message.startswith(("latents:", "positive:")) else message) from None

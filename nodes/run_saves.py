@@ -35,13 +35,14 @@ class IntermediateSaves:
     oldest pairs beyond ``keep_last``."""
 
     def __init__(self, options: RunOptions, lora_at: Callable[[int], LoraWeights], previous_steps: int,
-                 identity: dict, node_id):
+                 identity: dict, node_id, validated: list[list]):
         if options.save_every_n_steps:  # the prefix matters (and is checked) only when there are saves
             root = lora_files.main_lora_dir()
             self.lora_dir, self.stem = confined(root, options.save_prefix, "save_prefix")
             self.state_dir = states_dir() / self.lora_dir.relative_to(root.resolve())
         self.keep_last, self.lora_at, self.previous = options.keep_last, lora_at, previous_steps
         self.identity, self.node_id = identity, node_id
+        self.validated = validated  # the run's [step, validation loss] pairs so far: a resume continues the series
         self.written: list[tuple[Path, Path]] = []
         self.steps: list[int] = []  # the run's step numbers at which a save was made
 
@@ -52,7 +53,7 @@ class IntermediateSaves:
         lora_path = save_new(self.lora_dir, name, dict(lora), lora.metadata)
         shown = lora_path.relative_to(lora_files.main_lora_dir().resolve()).as_posix()
         tensors, metadata = train_state.pack(state, {"identity": self.identity, "previous_steps": self.previous,
-                                                     "lora_file": shown})
+                                                     "lora_file": shown, "validation": self.validated})
         state_path = save_new(self.state_dir, name, tensors, metadata, "training state")
         self.written.append((lora_path, state_path))
         self.steps.append(state.step)
@@ -63,8 +64,9 @@ class IntermediateSaves:
                 old.unlink(missing_ok=True)
 
 
-def load_resume(name: str, identity: dict, steps: int) -> tuple[TrainState, int]:
-    """The state ``resume_from`` names, checked against this run; returns it and the steps before its run."""
+def load_resume(name: str, identity: dict, steps: int) -> tuple[TrainState, int, list[list]]:
+    """The state ``resume_from`` names, checked against this run; returns it, the steps before its run and its
+    validation losses so far."""
     what = "resume_from"
     tensors, metadata = read_safetensors(inside(states_dir(), name, what), what, name)
     try:
@@ -80,4 +82,4 @@ def load_resume(name: str, identity: dict, steps: int) -> tuple[TrainState, int]
     if steps < state.step:
         raise ValueError(f"steps: '{name}' is at step {state.step} of its run; steps must be at least that "
                          f"(it is {steps})")
-    return state, int(info.get("previous_steps", 0))
+    return state, int(info.get("previous_steps", 0)), [list(v) for v in info.get("validation", [])]

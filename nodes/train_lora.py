@@ -19,6 +19,7 @@ from ..training.data import DataError, group_by_shape
 from ..training.objectives import LOSSES
 from ..training.optimizers import OPTIMIZERS
 from ..training.train_state import StateError
+from ..training.validation import Validation
 from . import comfy_bridge, events, inputs, lora_files, run_saves
 from .training_options import OPTIONS_TYPE, RunOptions
 
@@ -114,6 +115,11 @@ class TrainLoRA:
         samples = inputs.latent_samples(latents, comfy_bridge.latent_dims(model))
         captions = inputs.captions_for(positive, len(samples))
         inputs.check_pairing(latents, positive)
+        validation_samples = validation_captions = None
+        if run.validation is not None and run.validate_every_n_steps:
+            with inputs.as_validation_data():
+                validation_samples = inputs.latent_samples(run.validation[0], comfy_bridge.latent_dims(model))
+                validation_captions = inputs.captions_for(run.validation[1], len(validation_samples))
         existing = None
         if existing_lora and existing_lora != lora_files.NONE:
             existing = lora_files.read_lora(existing_lora)
@@ -127,22 +133,29 @@ class TrainLoRA:
         identity = {k: v for k, v in recorded.items() if k not in ("steps", "lora_dtype", "gradient_checkpointing")}
         identity.update(base_model=comfy_bridge.base_model_name(model),
                         data=run_saves.data_fingerprint(samples, len(captions)))
-        resume, resumed_previous = None, None
+        resume, resumed_previous, validated = None, None, []
         if run.resume_from:
-            resume, resumed_previous = run_saves.load_resume(run.resume_from, identity, steps)
+            resume, resumed_previous, validated = run_saves.load_resume(run.resume_from, identity, steps)
         autocast, manual_cast = comfy_bridge.training_precision(model, DTYPES[training_dtype])
         settings = loop.Settings(steps=steps, batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps,
                                  learning_rate=learning_rate, optimizer=optimizer, loss_function=loss_function,
                                  compute_dtype=autocast, lr_schedule=run.lr_schedule, max_grad_norm=run.max_grad_norm,
-                                 timesteps=run.timesteps)
+                                 timesteps=run.timesteps, ema_decay=run.ema_decay)
         device = comfy.model_management.get_torch_device()
         generator = torch.Generator().manual_seed(seed)
         pbar = comfy.utils.ProgressBar(steps * grad_accumulation_steps)
         if resume is not None:
             pbar.update_absolute(resume.step * grad_accumulation_steps)
 
+        validation = None
+
         def on_step(report: loop.StepReport) -> None:
             events.send("progress", {"node": node_id, **vars(report)})
+            if validation is not None and report.step % run.validate_every_n_steps == 0:
+                loss = validation.loss(lambda *a: loop.sample_loss(a[0], schedule, *a[1:], loss_function, autocast),
+                                       validation_denoise)
+                validated.append([report.step, loss])
+                events.send("validation", {"node": node_id, "step": report.step, "loss": loss})
 
         with torch.inference_mode(False), comfy_bridge.trainable_model(model, manual_cast) as clone:
             root = clone.model.diffusion_model
@@ -160,7 +173,7 @@ class TrainLoRA:
                                 existing_lora, adapters.algorithm.name, adapters.algorithm.name)
             else:
                 adapters = AdapterSet.create(root, algorithm, rank, alpha, generator, module_filter,
-                                             train_biases_and_norms)
+                                             train_biases_and_norms, dora=run.dora, rs_lora=run.rs_lora)
                 previous = 0
             if resumed_previous is not None:
                 previous = resumed_previous
@@ -176,12 +189,20 @@ class TrainLoRA:
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
                 return LoraWeights(adapters.file_state(MODEL_PREFIX, DTYPES[lora_dtype]), metadata)
 
-            saves = run_saves.IntermediateSaves(run, lora_at, previous, identity, node_id)
+            saves = run_saves.IntermediateSaves(run, lora_at, previous, identity, node_id, validated)
             conditioning = comfy_bridge.SampleConditioning(clone, captions, x0, device, seed)
             conditioning.check(clone, x0)
             schedule = comfy_bridge.ComfySchedule(clone.model.model_sampling, device)
             for group in groups:  # options the model cannot use are refused before any step, naming the option
                 run.timesteps.check(schedule, (1, *group.latents.shape[1:]))
+            if validation_samples is not None:
+                with inputs.as_validation_data():
+                    validation_x0 = comfy_bridge.latents_in_model_space(clone, validation_samples, device)
+                    validation_conditioning = comfy_bridge.SampleConditioning(clone, validation_captions,
+                                                                              validation_x0, device, seed)
+                    validation_conditioning.check(clone, validation_x0)
+                validation = Validation(group_by_shape(validation_x0), schedule, seed + 1)
+                validation_denoise = comfy_bridge.denoiser(clone, validation_conditioning)
             # ComfyUI raises InterruptProcessingException on cancel from its ops and its progress bar: the loop
             # treats it as a cancel, so the finished steps are kept.
             callbacks = loop.Callbacks(
@@ -201,11 +222,13 @@ class TrainLoRA:
             self._keep_cancelled(lora, total, node_id, result.steps_done)
         if result.diverged:
             self._stop_diverged(lora, total, node_id, result, learning_rate)
+        loss_map = {"loss": result.losses, "skipped": result.skipped, "learning_rate": result.learning_rates,
+                    "grad_norm": result.grad_norms, "saves": saves.steps,
+                    "validation": {"step": [s for s, _ in validated], "loss": [v for _, v in validated]}}
         return {"ui": {"lora_trainer_loss": result.losses, "lora_trainer_skipped": result.skipped,
-                       "lora_trainer_saves": saves.steps},
-                "result": (comfy_bridge.with_lora(model, lora), lora,
-                           {"loss": result.losses, "skipped": result.skipped, "learning_rate": result.learning_rates,
-                            "grad_norm": result.grad_norms}, total)}
+                       "lora_trainer_saves": saves.steps, "lora_trainer_lr": result.learning_rates,
+                       "lora_trainer_grad_norm": result.grad_norms, "lora_trainer_validation": validated},
+                "result": (comfy_bridge.with_lora(model, lora), lora, loss_map, total)}
 
     @staticmethod
     def _keep(lora: LoraWeights, total: int, folder: str, steps_done: int) -> str | None:

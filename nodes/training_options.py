@@ -35,6 +35,11 @@ class RunOptions:
     keep_last: int = 0  # intermediate saves kept (the newest); 0 = all
     save_prefix: str = "trained/my_lora"
     resume_from: str | None = None
+    ema_decay: float = 0.0
+    dora: bool = False
+    rs_lora: bool = False
+    validate_every_n_steps: int = 0
+    validation: tuple | None = None  # (LATENT list, CONDITIONING list) as the node received them
 
     @classmethod
     def of(cls, options: dict | None) -> "RunOptions":
@@ -49,7 +54,9 @@ class RunOptions:
                                        options["noise_offset"]),
             save_every_n_steps=options["save_every_n_steps"],
             keep_last=options["keep_last"], save_prefix=options["save_prefix"],
-            resume_from=None if options["resume_from"] in (None, NONE) else options["resume_from"])
+            resume_from=None if options["resume_from"] in (None, NONE) else options["resume_from"],
+            ema_decay=options["ema_decay"], dora=options["dora"], rs_lora=options["rs_lora"],
+            validate_every_n_steps=options["validate_every_n_steps"], validation=options.get("validation"))
 
     def identity(self) -> dict:
         """What a resumed run must share with the run it resumes (saving and resuming themselves may differ)."""
@@ -58,7 +65,8 @@ class RunOptions:
                 "cycles": s.cycles, "max_grad_norm": self.max_grad_norm, "timestep_sampling": t.kind,
                 "logit_mean": t.logit_mean, "logit_std": t.logit_std, "shift": t.shift,
                 "resolution_shift": t.resolution_shift, "min_snr_gamma": t.min_snr_gamma,
-                "noise_offset": t.noise_offset}
+                "noise_offset": t.noise_offset, "ema_decay": self.ema_decay, "dora": self.dora,
+                "rs_lora": self.rs_lora}
 
 
 class TrainingOptions:
@@ -113,9 +121,33 @@ class TrainingOptions:
             "resume_from": (state_choices(), {"default": NONE,
                                               "tooltip": "A training state (output/training_states) to resume "
                                                          "exactly where it was saved; [None] starts a new run."}),
+            "ema_decay": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99999, "step": 0.0001, "round": 0.00001,
+                                    "tooltip": "Keep an exponential moving average of the LoRA weights with this "
+                                               "decay (e.g. 0.999) and return it as the result; 0 = off."}),
+            "dora": ("BOOLEAN", {"default": False,
+                                 "tooltip": "Weight-decomposed LoRA (DoRA): also learns each weight column's "
+                                            "magnitude (saved as dora_scale). LoRA, LoHa and LoKr."}),
+            "rs_lora": ("BOOLEAN", {"default": False,
+                                    "tooltip": "rsLoRA scaling alpha/sqrt(rank) instead of alpha/rank (steadier "
+                                               "at high ranks). LoRA, LoHa and LoKr."}),
+            "validate_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                               "tooltip": "Every N steps, the loss on the validation data at fixed "
+                                                          "noise (its own chart series); 0 = off."}),
+        }, "optional": {
+            "validation_latents": ("LATENT", {"tooltip": "Held-out latents for the validation loss."}),
+            "validation_positive": ("CONDITIONING", {"tooltip": "Their captions: one per image, or one for all."}),
         }}
 
-    def options(self, **kw):
+    # List mode: validation data from ComfyUI's data-set nodes comes as lists (one LATENT per image).
+    INPUT_IS_LIST = True
+
+    def options(self, validation_latents=None, validation_positive=None, **kw):
         options = {k: inputs.one(v, k) for k, v in kw.items()}
+        if (validation_latents is None) != (validation_positive is None):
+            raise ValueError("validation_latents, validation_positive: connect both or neither")
+        if validation_latents is not None:
+            options["validation"] = (validation_latents, validation_positive)
+        if options["validate_every_n_steps"] and validation_latents is None:
+            raise ValueError("validate_every_n_steps: connect validation_latents and validation_positive, or set 0")
         RunOptions.of(options)  # refuses bad combinations here, naming the option
         return (options,)

@@ -178,3 +178,62 @@ def test_timestep_options_a_model_cannot_use_are_named(server, model, options, m
         server.run(wf)
     error = next(m[1] for m in caught.value.payload["status"]["messages"] if m[0] == "execution_error")
     assert error["exception_message"].startswith(message), error["exception_message"]
+
+
+def test_validation_loss_is_its_own_series_and_leaves_training_alone(server):
+    wf = wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), save_prefix="validation/plain", steps=12, **FAST)
+    plain = lora_of(server, wf)
+    wf = wfs.with_options(wf, validate_every_n_steps=4)
+    wf["held_out"] = wfs.test_data("sd3", count=2, seed=9)["data"]
+    wf["options"]["inputs"].update(validation_latents=["held_out", 0], validation_positive=["held_out", 1])
+    wf["save"]["inputs"]["prefix"] = "validation/validated"
+    loss_map, entry = loss_map_of(server, wf)
+    assert loss_map["validation"]["step"] == [4, 8, 12]
+    assert len(set(loss_map["validation"]["loss"])) == 3 and all(v > 0 for v in loss_map["validation"]["loss"])
+    assert server.outputs(entry, "train")["lora_trainer_validation"] == [
+        [s, v] for s, v in zip(loss_map["validation"]["step"], loss_map["validation"]["loss"])]
+    validated = tensors_of(server.base_dir / "models" / "loras" / server.outputs(entry, "save")["text"][0])
+    assert all(torch.equal(plain[k], validated[k]) for k in plain), "validating changed what was trained"
+
+
+def test_validation_data_that_does_not_fit_is_named(server):
+    wf = wfs.with_options(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), save_prefix="validation/refused",
+                                    steps=2, **FAST), validate_every_n_steps=1)
+    wf["held_out"] = wfs.test_data("sd15", count=4)["data"]
+    wf["options"]["inputs"].update(validation_latents=["held_out", 0], validation_positive=["data", 1])
+    with pytest.raises(harness.PromptError, match=r"validation_latents: image 0 has 4 channels"):
+        server.run(wf)
+    wf["options"]["inputs"].pop("validation_positive")
+    with pytest.raises(harness.PromptError, match=r"validation_latents, validation_positive: connect both or neither"):
+        server.run(wf)
+
+
+def test_ema_is_the_result(server):
+    wf = wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), save_prefix="ema/plain", steps=6, **FAST)
+    plain = lora_of(server, wf)
+    averaged = lora_of(server, wfs.with_options(wf, ema_decay=0.5))
+    assert any(not torch.equal(plain[k], averaged[k]) for k in plain)
+
+
+@pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "LoKr"])
+def test_dora_and_rslora_files_load_in_comfyui_as_trained(server, algorithm):
+    wf = wfs.with_options(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), save_prefix=f"dora/{algorithm}", steps=3,
+                                    algorithm=algorithm, rank=4, **FAST), dora=True, rs_lora=True)
+    name = server.outputs(server.run(wf), "save")["text"][0]
+    # the same graph again (its training cached or replayed: the same weights) with the file through ComfyUI's loader
+    wf["load"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["model", 0], "lora_name": name,
+                                                                 "strength_model": 1.0}}
+    for what, other in (("file_vs_trained", ["train", 0]), ("file_vs_base", ["model", 0])):
+        wf[what] = {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
+            "model_a": other, "model_b": ["load", 0], "latents": ["data", 0], "positive": ["data", 1], "nonce": 0}}
+    del wf["save"]
+    log_start = len(server.log_text())
+    entry = server.run(server.with_defaults(wf))
+    assert server.outputs(entry, "file_vs_trained")["rel_diff"][0] < 1e-5
+    assert server.outputs(entry, "file_vs_base")["rel_diff"][0] > 1e-4
+    assert "lora key not loaded" not in server.log_text()[log_start:]
+    saved = tensors_of(server.base_dir / "models" / "loras" / name)
+    assert any(k.endswith(".dora_scale") for k in saved)
+    if algorithm == "LoRA":  # rsLoRA: scale alpha/√rank with alpha = rank, stored as alpha·√rank for the loader
+        alpha = next(v for k, v in saved.items() if k.endswith(".alpha"))
+        assert float(alpha) == pytest.approx(4 * 2.0)

@@ -51,7 +51,8 @@ def train(model: dict, data: dict, *, save_prefix: str | None = "trained/test", 
 TRAINING_OPTIONS_DEFAULTS: dict[str, Any] = {
     "lr_schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0, "cycles": 1, "max_grad_norm": 0.0,
     "timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "shift": 0.0, "resolution_shift": False,
-    "min_snr_gamma": 0.0, "noise_offset": 0.0,
+    "min_snr_gamma": 0.0, "noise_offset": 0.0, "ema_decay": 0.0, "dora": False, "rs_lora": False,
+    "validate_every_n_steps": 0,
     "save_every_n_steps": 0, "keep_last": 0, "save_prefix": "trained/my_lora", "resume_from": "[None]",
 }
 
