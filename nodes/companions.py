@@ -11,7 +11,7 @@ import torch
 import folder_paths
 
 from ..lora.file_format import META, PATH_MAX_BYTES, SUFFIX_BYTES, build_metadata, check_name_parts, save_new
-from .loss_chart import loss_chart
+from .loss_chart import loss_map_chart
 from . import comfy_bridge, lora_files
 
 
@@ -115,7 +115,8 @@ class ApplyLoRA:
 
 
 class LossGraph:
-    DESCRIPTION = "Plots a LOSS_MAP (loss per step, with a smoothed curve): a preview on the node and a saved PNG."
+    DESCRIPTION = ("Plots a LOSS_MAP (loss per step with a smoothed curve, validation loss, learning rate, skipped steps "
+                   "and intermediate saves, where the map has them): a preview on the node and a saved PNG.")
     CATEGORY = "LoRA Trainer"
     FUNCTION = "plot"
     OUTPUT_NODE = True
@@ -129,8 +130,7 @@ class LossGraph:
         }}
 
     def plot(self, loss, filename_prefix):
-        values = [float(v) for v in (loss or {}).get("loss", [])]
-        image = loss_chart(values, list((loss or {}).get("skipped", [])))
+        image = loss_map_chart(loss)
         from PIL import Image
 
         out_dir, stem = confined(Path(folder_paths.get_output_directory()), filename_prefix, "filename_prefix")
