@@ -41,6 +41,11 @@ def test_the_schedule_and_clipping_are_used_and_reported(server):
     assert all(a > b for a, b in zip(rates[2:], rates[3:])) and rates[-1] > 0.0001
     norms = loss_map["grad_norm"]
     assert len(norms) == 8 and any(n > 0.05 for n in norms), "the limit is below the gradients' norms here"
+    # clipping changes what is trained (the same run without it ends elsewhere)
+    unclipped = wfs.with_options(wf, lr_schedule="cosine", warmup_steps=2, min_lr_ratio=0.1)  # replaces the options
+    other, _ = loss_map_of(server, unclipped)
+    assert other["learning_rate"] == rates and other["loss"][0] == loss_map["loss"][0]
+    assert other["loss"][1:] != loss_map["loss"][1:]
 
 
 @pytest.fixture
