@@ -71,8 +71,8 @@ def own_server(tmp_path):
 RUN = dict(steps=40, batch_size=4, grad_accumulation_steps=2, learning_rate=0.002, seed=5, **FAST)
 
 
-def run_workflow(prefix: str, **options) -> dict:
-    wf = wfs.train(wfs.sd3_model(), wfs.test_data("sd3", count=6), save_prefix=prefix, **RUN)
+def run_workflow(prefix: str, steps: int = RUN["steps"], **options) -> dict:
+    wf = wfs.train(wfs.sd3_model(), wfs.test_data("sd3", count=6), save_prefix=prefix, **{**RUN, "steps": steps})
     return wfs.with_options(wf, lr_schedule="cosine", warmup_steps=3, max_grad_norm=1.0, save_every_n_steps=10,
                             save_prefix=prefix, **options)
 
@@ -106,43 +106,46 @@ def test_intermediate_saves_keep_the_last_k_and_load_in_comfyui(own_server):
     assert sorted(p.name for p in states.glob("b_*")) == [f"b_{n}_steps_00001.safetensors" for n in (20, 30)]
 
 
+KILLED_RUN_STEPS = 40  # 30 steps (60 micro-steps) after the step-10 save: far longer than the kill takes to land
+
+
 def test_a_run_killed_and_resumed_gives_the_same_lora_as_one_never_stopped(own_server):
     server = own_server()
-    whole = server.run(run_workflow("runs/whole"))
+    whole = server.run(run_workflow("runs/whole", KILLED_RUN_STEPS))
     loras = server.base_dir / "models" / "loras" / "runs"
-    reference = tensors_of(loras / "whole_40_steps_00001.safetensors")
+    reference = tensors_of(loras / f"whole_{KILLED_RUN_STEPS}_steps_00001.safetensors")
 
     saved = threading.Event()
     stop = server.listen(lambda m: saved.set() if m["type"] == "lora_trainer.saved" and m["data"]["step"] == 10
                          else None)
     try:
-        server.queue(run_workflow("runs/killed"))
+        server.queue(run_workflow("runs/killed", KILLED_RUN_STEPS))
         assert saved.wait(120), "the step-10 save never came"
         server.process.send_signal(signal.SIGKILL)
         server.process.wait(10)
     finally:
         stop()
-    assert not (loras / "killed_40_steps_00001.safetensors").exists(), "the run was not killed mid-way"
+    assert not (loras / f"killed_{KILLED_RUN_STEPS}_steps_00001.safetensors").exists(), "not killed mid-way"
 
     server = own_server()  # a new ComfyUI on the same folders
     state = "runs/killed_10_steps_00001.safetensors"
     options = server.object_info("LoraTrainer_TrainingOptions")["LoraTrainer_TrainingOptions"]
     assert state in options["input"]["required"]["resume_from"][0]
-    resumed = server.run(run_workflow("runs/killed", resume_from=state))
+    resumed = server.run(run_workflow("runs/killed", KILLED_RUN_STEPS, resume_from=state))
     result = tensors_of(loras / server.outputs(resumed, "save")["text"][0].removeprefix("runs/"))
     assert result.keys() == reference.keys()
     assert all(torch.equal(result[k], reference[k]) for k in reference), "the resumed LoRA differs"
     train_ui = server.outputs(resumed, "train")
     assert train_ui["lora_trainer_loss"] == server.outputs(whole, "train")["lora_trainer_loss"]
-    assert train_ui["lora_trainer_saves"] == [20, 30]
+    assert train_ui["lora_trainer_saves"] == list(range(20, KILLED_RUN_STEPS, 10))
 
-    mismatched = run_workflow("runs/other", resume_from=state)
+    mismatched = run_workflow("runs/other", KILLED_RUN_STEPS, resume_from=state)
     mismatched["train"]["inputs"]["learning_rate"] = 0.001
     with pytest.raises(harness.PromptError, match=re.escape(
             f"resume_from: '{state}' was saved by a run with other settings or data (learning_rate 0.002 there, "
             "0.001 here)")):
         server.run(mismatched)
-    other_data = run_workflow("runs/other", resume_from=state)
+    other_data = run_workflow("runs/other", KILLED_RUN_STEPS, resume_from=state)
     other_data["data"]["inputs"]["seed"] = 1
     with pytest.raises(harness.PromptError, match=r"resume_from: .* other settings or data \(data '\w+' there"):
         server.run(other_data)
