@@ -87,6 +87,10 @@ def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
     for tag in ("ckpt", "plain"):
         rel = entry["outputs"][f"cmp_{tag}"]["rel_diff"][0]
         assert math.isfinite(rel) and rel > 0, f"checkpointing {tag}: LoRA changed the output by {rel}"
+    # the Training Options run (DoRA, rsLoRA, EMA, schedule, clipping, logit-normal, noise offset) saved after step 1
+    assert entry["outputs"]["train_plain"]["lora_trainer_saves"] == [1]
+    for folder in ("models/loras", "output/training_states"):
+        assert (server.base_dir / folder / "matrix" / f"{name}_1_steps_00001.safetensors").is_file(), folder
 
 
 @pytest.mark.parametrize("name", ["wan21_t2v", "hunyuan_video", "ltxv"])

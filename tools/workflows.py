@@ -65,9 +65,18 @@ def with_options(wf: dict, **fields: Any) -> dict:
     return wf
 
 
+# What the family matrix's checkpointing-off run adds to the defaults: every Training Options feature that works on any
+# model family (min-SNR-γ and flow shifts depend on the prediction type and are tested per type instead).
+MATRIX_OPTIONS: dict[str, Any] = {
+    "lr_schedule": "cosine", "warmup_steps": 1, "max_grad_norm": 1.0, "timestep_sampling": "logit_normal",
+    "noise_offset": 0.05, "ema_decay": 0.5, "dora": True, "rs_lora": True, "save_every_n_steps": 1,
+}
+
+
 def family_matrix(unet_name: str, family: str, steps: int = 2) -> dict:
-    """A generated model through "Load Diffusion Model", trained with checkpointing on and off (node defaults
-    otherwise); each LoRA applied by ComfyUI's own LoraModelLoader and its outputs compared with the base model's."""
+    """A generated model through "Load Diffusion Model", trained with checkpointing on at the node's defaults and
+    with checkpointing off plus MATRIX_OPTIONS (an intermediate save and training state after step 1); each LoRA
+    applied by ComfyUI's own LoraModelLoader and its outputs compared with the base model's."""
     wf = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
           "data": {"class_type": "LoraTrainerTest_FamilyData", "inputs": {"family": family, "count": 2, "seed": 0}}}
     for checkpointing in (True, False):
@@ -80,6 +89,9 @@ def family_matrix(unet_name: str, family: str, steps: int = 2) -> dict:
         wf[f"cmp_{tag}"] = {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
             "model_a": ["model", 0], "model_b": [f"lora_{tag}", 0], "latents": ["data", 0], "positive": ["data", 1],
             "nonce": 0, "points": 1}}  # one noise level: for the big fixed-width models each forward counts
+    wf["options"] = {"class_type": "LoraTrainer_TrainingOptions", "inputs": {
+        **TRAINING_OPTIONS_DEFAULTS, **MATRIX_OPTIONS, "save_prefix": f"matrix/{family}"}}
+    wf["train_plain"]["inputs"]["options"] = ["options", 0]
     return wf
 
 
