@@ -131,8 +131,9 @@ class TrainLoRA:
                     "train_biases_and_norms": train_biases_and_norms, "images": len(samples), **run.identity()}
         # What a resumed run must share with its original (steps may grow; dtypes of the output may change).
         identity = {k: v for k, v in recorded.items() if k not in ("steps", "lora_dtype", "gradient_checkpointing")}
-        identity.update(base_model=comfy_bridge.base_model_name(model),
-                        data=run_saves.data_fingerprint(samples, len(captions)))
+        identity["base_model"] = comfy_bridge.base_model_name(model)
+        if run.save_every_n_steps or run.resume_from:  # hashing every latent is only worth it for a saved state
+            identity["data"] = run_saves.data_fingerprint(samples, len(captions))
         resume, resumed_previous, validated = None, None, []
         if run.resume_from:
             resume, resumed_previous, validated = run_saves.load_resume(run.resume_from, identity, steps)
