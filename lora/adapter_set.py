@@ -29,12 +29,6 @@ class LoraFileError(ValueError):
     """A LoRA state dict that cannot be used with this model."""
 
 
-def holds_adapters(state: dict[str, torch.Tensor]) -> bool:
-    """Whether any key is an adapter tensor (a LoRA/LyCORIS file), not only model weights (a checkpoint)."""
-    adapter_suffixes = tuple("." + s for s in KNOWN_SUFFIXES if s != "alpha")  # models may name a weight alpha
-    return any(key.endswith(adapter_suffixes) for key in state)
-
-
 def split_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
     """``{module_name: {suffix: tensor}}`` for keys ``<prefix><module_name>.<suffix>``."""
     modules: dict[str, dict[str, torch.Tensor]] = {}

@@ -6,24 +6,33 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .finite import first_non_finite
+
+if TYPE_CHECKING:
+    from .hub_metadata import TrainingRecord
+    from .key_formats import ModelNaming
 
 MODEL_PREFIX = "diffusion_model."
 META = "lora_trainer."  # our metadata keys; kohya-style "ss_*" keys are written too so other tools show them
 
 
 class LoraWeights(dict):
-    """A LORA_MODEL: a plain ``str → tensor`` dict (what ComfyUI's own nodes pass around) that also carries the
-    metadata our Save LoRA writes. ComfyUI's consumers see an ordinary dict."""
+    """A LORA_MODEL: a plain ``str → tensor`` dict (what ComfyUI's own nodes pass around) that also carries what our
+    Save LoRA writes besides the tensors: the metadata, the training record (for hub metadata) and the model's layer
+    names (for the kohya/diffusers namings and the self-check). ComfyUI's consumers see an ordinary dict."""
 
     metadata: dict[str, str]
 
-    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, *,
+                 naming: "ModelNaming | None" = None, record: "TrainingRecord | None" = None):
         super().__init__(tensors)
         self.metadata = dict(metadata or {})
+        self.naming = naming
+        self.record = record
 
 
 def build_metadata(*, steps: int, algorithm: str, rank: int, alpha: float, base_model: str, settings: dict,

@@ -274,7 +274,7 @@ def kohya_metadata(record: TrainingRecord, *, output_name: str, captions: list[s
         per_epoch = math.ceil(batches / record.grad_accumulation_steps)
         meta["ss_num_epochs"] = str(math.ceil(total / per_epoch)) if per_epoch else "0"
     if captions is not None:
-        meta["ss_tag_frequency"] = json.dumps({dataset_name: tag_frequency(captions)})
+        meta.update(tag_frequency_metadata(captions, dataset_name))
     return meta
 
 
@@ -299,10 +299,20 @@ def modelspec_metadata(record: TrainingRecord, *, title: str, trigger_words: str
     if description:
         meta["modelspec.description"] = description
     if thumbnail_png is not None:
-        if not thumbnail_png.startswith(_PNG_SIGNATURE):
-            raise ValueError("thumbnail_png is not a PNG image (its signature is missing)")
-        meta["modelspec.thumbnail"] = "data:image/png;base64," + base64.b64encode(thumbnail_png).decode("ascii")
+        meta["modelspec.thumbnail"] = thumbnail_url(thumbnail_png)
     return meta
+
+
+def thumbnail_url(png: bytes) -> str:
+    """modelspec.thumbnail: the image as a data URL."""
+    if not png.startswith(_PNG_SIGNATURE):
+        raise ValueError("thumbnail_png is not a PNG image (its signature is missing)")
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def tag_frequency_metadata(captions: list[str], dataset_name: str = "dataset") -> dict[str, str]:
+    """ss_tag_frequency: kohya's tag counts per data-set folder (one folder, ``dataset_name``)."""
+    return {"ss_tag_frequency": json.dumps({dataset_name: tag_frequency(captions)})}
 
 
 def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:

@@ -16,8 +16,10 @@ import comfy.sampler_helpers
 import comfy.samplers
 import comfy.sd
 
+from ..lora import key_formats
 from ..lora.adapter_set import LoraFileError, split_keys
 from ..lora.file_format import MODEL_PREFIX
+from ..lora.key_formats import ModelNaming
 
 log = logging.getLogger("lora_trainer")
 
@@ -105,6 +107,11 @@ def training_precision(patcher, wanted: torch.dtype) -> tuple[torch.dtype | None
 
 def base_model_name(patcher) -> str:
     return type(patcher.model.model_config).__name__
+
+
+def pixels_per_latent(patcher) -> int:
+    """Image pixels per latent pixel (a side) of the model's VAE: 8 for most, from its latent format."""
+    return int(getattr(patcher.model.latent_format, "spacial_downscale_ratio", 8))
 
 
 def latent_dims(patcher) -> tuple[int, str]:
@@ -287,28 +294,108 @@ def _unload(which: Callable[[object], bool]) -> None:
             loaded_models.pop(i)
 
 
-def key_map(patcher) -> dict[str, str]:
-    """ComfyUI's own map from LoRA key prefixes (all naming schemes it knows) to diffusion-model weight keys."""
+def key_map(patcher) -> dict[str, str | tuple]:
+    """ComfyUI's own map from LoRA key prefixes (all naming schemes it knows) to diffusion-model weight keys, or to
+    ``(key, (dim, start, size))`` where a name stands for a slice of a fused weight."""
     return comfy.lora.model_lora_keys_unet(patcher.model, {})
 
 
-def modules_of_file(patcher, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """A LoRA state dict in any naming scheme ComfyUI reads, as ``{layer name in diffusion_model: {suffix: tensor}}``."""
+def model_naming(patcher, lora: dict[str, torch.Tensor]) -> ModelNaming:
+    """The names ComfyUI knows for the layers a LoRA (in any naming) adapts on this model, and their weight shapes:
+    what saving it in another format and checking the saved file need, kept with the LoRA."""
     names = key_map(patcher)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for prefix, tensors in split_keys(state, "").items():
-        target = names.get(prefix)
-        if target is None or not target.startswith(MODEL_PREFIX):
-            raise LoraFileError(f"'{prefix}' is not a layer of this {base_model_name(patcher)} model")
-        layer = target[len(MODEL_PREFIX):]
-        for suffix in (".weight", ".bias"):
-            if layer.endswith(suffix):
-                layer = layer[: -len(suffix)]
-        out.setdefault(layer, {}).update(tensors)
-    return out
+    state = patcher.model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    canonical = key_formats.to_canonical(lora, names, shapes, MODEL_PREFIX)
+    targets = {m + ".weight" for m in {key_formats.split_key(k)[0] for k in canonical}}
+    keep = {n: v for n, v in names.items() if (v if isinstance(v, str) else v[0]) in targets}
+    return ModelNaming(keep, {k: shapes[k] for k in targets if k in shapes})
+
+
+def modules_of_file(patcher, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A LoRA state dict in any naming scheme ComfyUI reads, as ``{layer name in diffusion_model: {suffix: tensor}}``
+    (see ``check_comfy_reads`` for ComfyUI's own verdict on the file)."""
+    return split_keys(model_naming(patcher, state).canonical(state), MODEL_PREFIX)
+
+
+def check_comfy_reads(patcher, state: dict[str, torch.Tensor]) -> None:
+    """Every key of a LoRA is one ComfyUI's loader reads for this model (else a LoraFileError names one): a file
+    ComfyUI applies only in part would be continued as something else than what users load."""
+    unread = comfy_unloaded_keys(ModelNaming(key_map(patcher), {}), state)
+    if unread:
+        raise LoraFileError(f"ComfyUI's LoRA loader does not read {len(unread)} of its keys for this "
+                            f"{base_model_name(patcher)} model (e.g. '{unread[0]}')")
+
+
+class _Unloaded(logging.Handler):
+    """Collects the keys ComfyUI's ``load_lora`` reports as not loaded (its own judgement, in its log)."""
+
+    MESSAGE = "lora key not loaded: "
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.keys: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(self.MESSAGE):
+            self.keys.append(message[len(self.MESSAGE):])
+
+
+def comfy_patches(naming: ModelNaming, state: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """What ComfyUI's LoRA loader makes of ``state`` on this model: (its patches by weight key, or by (key, slice)
+    for a part of a fused weight; the keys it left unloaded)."""
+    import comfy.lora_convert
+
+    collector = _Unloaded()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(collector)
+    root.setLevel(min(level, logging.WARNING))  # the loader reports at WARNING: it must reach the collector
+    try:
+        patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(state)), naming.names)
+    except Exception as e:  # a malformed file (e.g. a LoHa without its second factor) crashes the loader itself
+        raise LoraFileError(f"ComfyUI's LoRA loader cannot read it ({type(e).__name__}: {e})") from None
+    finally:
+        root.removeHandler(collector)
+        root.setLevel(level)
+    return patches, collector.keys
+
+
+def comfy_unloaded_keys(naming: ModelNaming, state: dict[str, torch.Tensor]) -> list[str]:
+    return comfy_patches(naming, state)[1]
+
+
+def check_loads_as(naming: ModelNaming, saved: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    """The self-check of a saved file: ComfyUI's loader reads every key of ``saved`` and patches exactly the weights
+    (whole, or slices that tile them) it patches for ``reference``, our own naming of the same LoRA."""
+    got, unread = comfy_patches(naming, saved)
+    if unread:
+        raise LoraFileError(f"ComfyUI's LoRA loader leaves {len(unread)} keys of the saved file unloaded "
+                            f"(e.g. '{unread[0]}')")
+    wanted, _ = comfy_patches(naming, reference)
+    whole, rows = set(), {}
+    for key in got:  # a weight key, or (key, slice[, row transform]) for names of parts or reordered rows
+        weight, part = (key, None) if isinstance(key, str) else key[:2]
+        if weight not in wanted:
+            raise LoraFileError(f"the saved file patches '{weight}', which the LoRA does not adapt")
+        if part is None:
+            whole.add(weight)
+        else:
+            rows.setdefault(weight, []).append((int(part[1]), int(part[2])))
+    for weight in wanted:
+        if weight in whole:
+            continue
+        covered = 0
+        for start, size in sorted(rows.get(weight, [])):
+            covered = covered + size if start == covered else -1
+        if covered != naming.shapes.get(weight, (None,))[0]:
+            raise LoraFileError(f"the saved file does not patch all of '{weight}'")
 
 
 def with_lora(patcher, lora: dict[str, torch.Tensor], strength: float = 1.0):
-    """The MODEL with a LoRA applied exactly as ComfyUI's LoRA loaders apply it."""
+    """The MODEL with a LoRA applied exactly as ComfyUI's LoRA loaders apply it; a LoRA ComfyUI reads only in part
+    (keys of another model or naming) is an error naming a key, not a half-applied LoRA."""
+    check_comfy_reads(patcher, lora)
     model, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)
     return model

@@ -1,18 +1,17 @@
-"""Companion nodes: save a LoRA, apply a LoRA, plot the loss."""
+"""Companion nodes: apply a LoRA, plot the loss; and confining a name prefix to a folder."""
 from __future__ import annotations
 
-import datetime
 import io
 import os
 from pathlib import Path
 
-import torch
 
 import folder_paths
 
-from ..lora.file_format import META, PATH_MAX_BYTES, SUFFIX_BYTES, build_metadata, check_name_parts, save_new
+from ..lora.adapter_set import LoraFileError
+from ..lora.file_format import PATH_MAX_BYTES, SUFFIX_BYTES, check_name_parts
 from .loss_chart import loss_map_chart
-from . import comfy_bridge, lora_files
+from . import comfy_bridge
 
 
 def confined(base: Path, prefix: str, what: str) -> tuple[Path, str]:
@@ -32,68 +31,6 @@ def confined(base: Path, prefix: str, what: str) -> tuple[Path, str]:
     return directory, parts[-1]
 
 
-class SaveLoRA:
-    DESCRIPTION = ("Saves a LORA_MODEL as .safetensors into the loras folder (where LoRA loaders find it), with "
-                   "metadata (steps, rank, alpha, algorithm, base model, training settings, date). Never overwrites: "
-                   "each save gets the next free number.")
-    CATEGORY = "LoRA Trainer"
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("filename",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "lora": ("LORA_MODEL", {"tooltip": "The LoRA to save (from Train LoRA, or ComfyUI's own training node)."}),
-            "prefix": ("STRING", {"default": "trained/my_lora",
-                                  "tooltip": "File name prefix; may contain subfolders inside the loras folder."}),
-        }, "optional": {
-            "steps": ("INT", {"forceInput": True, "tooltip": "Total steps, added to the name and the metadata."}),
-        }}
-
-    def save(self, lora, prefix, steps=None):
-        if not isinstance(lora, dict) or not lora or not all(torch.is_tensor(v) for v in lora.values()):
-            raise ValueError("lora: expected a LORA_MODEL (a non-empty dict of tensors)")
-        metadata = dict(getattr(lora, "metadata", {}) or {})
-        if not metadata:
-            metadata = build_metadata(steps=steps or 0, algorithm=_algorithm_of(lora), rank=_rank_of(lora),
-                                      alpha=_alpha_of(lora), base_model="unknown", settings={},
-                                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        if steps is not None:
-            metadata[f"{META}steps"] = metadata["ss_steps"] = str(steps)
-        total = metadata.get(f"{META}steps", "0")
-        directory, stem = confined(lora_files.main_lora_dir(), prefix, "prefix")
-        path = save_new(directory, f"{stem}_{total}_steps", dict(lora), metadata)
-        name = path.relative_to(lora_files.main_lora_dir()).as_posix()
-        return {"ui": {"text": [name]}, "result": (name,)}
-
-
-def _first_with(lora: dict, suffix: str):
-    return next((v for k, v in lora.items() if k.endswith(suffix)), None)
-
-
-def _algorithm_of(lora: dict) -> str:
-    from ..lora.adapter_set import split_keys
-    from ..lora.algorithms import detect
-
-    try:
-        algo = {detect(set(t)) for t in split_keys(dict(lora), "").values()} - {None}
-    except ValueError:
-        return "unknown"
-    return algo.pop().name if len(algo) == 1 else "unknown"
-
-
-def _rank_of(lora: dict) -> int:
-    down = _first_with(lora, "lora_down.weight")
-    return int(down.shape[0]) if down is not None else 0
-
-
-def _alpha_of(lora: dict) -> float:
-    alpha = _first_with(lora, ".alpha")
-    return float(alpha.float().item()) if alpha is not None else 0.0
-
-
 class ApplyLoRA:
     DESCRIPTION = "Applies a LORA_MODEL to a MODEL at a strength, exactly as ComfyUI's LoRA loaders do."
     CATEGORY = "LoRA Trainer"
@@ -111,7 +48,10 @@ class ApplyLoRA:
     def apply(self, model, lora, strength):
         if strength == 0:
             return (model,)
-        return (comfy_bridge.with_lora(model, lora, strength),)
+        try:
+            return (comfy_bridge.with_lora(model, lora, strength),)
+        except LoraFileError as e:
+            raise ValueError(f"lora: ComfyUI cannot apply all of it to this model: {e}") from None
 
 
 class LossGraph:

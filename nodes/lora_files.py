@@ -8,8 +8,8 @@ import torch
 
 import folder_paths
 
-from ..lora.adapter_set import holds_adapters
 from ..lora.file_format import TEMP_PREFIX, stored_steps
+from ..lora.key_formats import holds_adapters
 from ..lora.finite import first_non_finite
 from .safe_files import read_safetensors
 

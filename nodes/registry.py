@@ -1,5 +1,7 @@
 """Node ids (stable forever: saved workflows refer to them) and display names."""
-from .companions import ApplyLoRA, LossGraph, SaveLoRA
+from .companions import ApplyLoRA, LossGraph
+from .convert_lora import ConvertLoRA
+from .save_lora import SaveLoRA
 from .dataset import LoadTrainingDataset, SaveTrainingDataset
 from .train_lora import TrainLoRA
 from .training_options import TrainingOptions
@@ -12,6 +14,7 @@ NODES = {
     "LoraTrainer_SaveTrainingDataset": (SaveTrainingDataset, "Save Training Data Set (LoRA Trainer)"),
     "LoraTrainer_LoadTrainingDataset": (LoadTrainingDataset, "Load Training Data Set (LoRA Trainer)"),
     "LoraTrainer_TrainingOptions": (TrainingOptions, "Training Options (LoRA Trainer)"),
+    "LoraTrainer_ConvertLoRA": (ConvertLoRA, "Convert LoRA (LoRA Trainer)"),
 }
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 
 import torch
 
@@ -20,7 +21,7 @@ from ..training.objectives import LOSSES
 from ..training.optimizers import OPTIMIZERS
 from ..training.train_state import StateError
 from ..training.validation import Validation
-from . import comfy_bridge, events, inputs, lora_files, run_saves
+from . import comfy_bridge, events, inputs, lora_files, run_saves, save_metadata
 from .training_options import OPTIONS_TYPE, RunOptions
 
 log = logging.getLogger("lora_trainer")
@@ -112,6 +113,7 @@ class TrainLoRA:
                rank, optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
                existing_lora, alpha=0.0, module_filter="", train_biases_and_norms=False, options=None):
         run = RunOptions.of(options)
+        started_at = time.time()
         samples = inputs.latent_samples(latents, comfy_bridge.latent_dims(model))
         captions = inputs.captions_for(positive, len(samples))
         inputs.check_pairing(latents, positive)
@@ -165,6 +167,7 @@ class TrainLoRA:
             if existing is not None:
                 try:
                     adapters = AdapterSet.from_modules(root, comfy_bridge.modules_of_file(clone, existing[0]))
+                    comfy_bridge.check_comfy_reads(clone, existing[0])
                 except LoraFileError as e:
                     raise ValueError(f"existing_lora: '{existing_lora}' does not fit this "
                                      f"{comfy_bridge.base_model_name(model)} model: {e}") from None
@@ -180,15 +183,24 @@ class TrainLoRA:
                 previous = resumed_previous
             adapters.to(device)
 
+            naming = None
+
             def lora_at(total: int) -> LoraWeights:
                 """The LoRA as it is now, with the metadata of a run that has ``total`` steps in all."""
+                nonlocal naming
                 first = next(iter(adapters.adapters.values()), None)
-                metadata = build_metadata(
-                    steps=total, algorithm=adapters.algorithm.name, rank=getattr(first, "rank", rank),
-                    alpha=float(first.alpha) if first is not None else alpha,
-                    base_model=comfy_bridge.base_model_name(model), settings=recorded,
-                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-                return LoraWeights(adapters.file_state(MODEL_PREFIX, DTYPES[lora_dtype]), metadata)
+                shape = dict(steps=total, algorithm=adapters.algorithm.name, rank=getattr(first, "rank", rank),
+                             alpha=float(first.alpha) if first is not None else alpha,
+                             base_model=comfy_bridge.base_model_name(model))
+                metadata = build_metadata(**shape, settings=recorded, date=datetime.datetime.now(
+                    datetime.timezone.utc).isoformat(timespec="seconds"))
+                record = save_metadata.training_record(
+                    recorded, **shape, latent_shapes=[tuple(x.shape) for x in samples],
+                    pixels_per_latent=comfy_bridge.pixels_per_latent(model), started_at=started_at,
+                    previous_steps=previous)
+                tensors = adapters.file_state(MODEL_PREFIX, DTYPES[lora_dtype])
+                naming = naming or comfy_bridge.model_naming(model, tensors)  # the adapted layers never change
+                return LoraWeights(tensors, metadata, naming=naming, record=record)
 
             saves = run_saves.IntermediateSaves(run, lora_at, previous, identity, node_id, validated)
             conditioning = comfy_bridge.SampleConditioning(clone, captions, x0, device, seed)

@@ -197,3 +197,43 @@ def test_latents_and_captions_from_different_nodes_are_refused(server, image_fol
     wf["train"]["inputs"].update(latents=["buckets", 0])
     with pytest.raises(harness.PromptError, match="connect latents and positive from the same node"):
         server.run(wf)
+
+
+def test_saved_file_carries_the_metadata_hubs_read(server, image_folder):
+    """A kohya file saved from the folder data set, with its captions, a title, trigger words and the loss graph as
+    thumbnail: every ss_* / modelspec key has the run's value and the sshs hashes are kohya's definition of them."""
+    import base64
+    import collections
+    import hashlib
+    import io
+
+    import safetensors.torch
+
+    wf = dataset_workflow("metadata", image_folder, steps=2)
+    wf["save"]["inputs"].update(format="kohya", title="Blocks", trigger_words="sks blocks", loss=["train", 2],
+                                captions=["images", 1])
+    entry = server.run(wf)
+    path = server.base_dir / "models" / "loras" / entry["outputs"]["save"]["text"][0]
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    want = {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "4.0",
+            "ss_base_model_version": "sd3", "ss_steps": "2", "ss_learning_rate": "0.001", "ss_seed": "0",
+            "ss_optimizer": "torch.optim.adamw.AdamW", "ss_num_train_images": str(len(IMAGES)),
+            "ss_resolution": "(64, 64)", "ss_output_name": "metadata", "ss_batch_size_per_device": "1",
+            "modelspec.architecture": "stable-diffusion-3/lora", "modelspec.title": "Blocks",
+            "modelspec.trigger_phrase": "sks blocks", "modelspec.resolution": "64x64", "lora_trainer.format": "kohya"}
+    assert {k: meta.get(k) for k in want} == want
+    assert 0 < float(meta["ss_training_started_at"]) <= float(meta["ss_training_finished_at"])
+    tags = json.loads(meta["ss_tag_frequency"])["dataset"]
+    # kohya's tags: the comma-separated parts of every caption (the long caption repeats one tag six times)
+    assert tags == dict(collections.Counter(
+        t.strip() for c in CAPTIONS for t in c.split(",") if t.strip()))
+    png = base64.b64decode(meta["modelspec.thumbnail"].removeprefix("data:image/png;base64,"))
+    assert png.startswith(b"\x89PNG") and Image.open(io.BytesIO(png)).size[0] <= 256
+    # kohya: model hash = SHA-256 of the file after its header; legacy = 64 KiB at 1 MiB of the ss_*-only serialisation
+    data = path.read_bytes()
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    ss_only = safetensors.torch.save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]

@@ -91,6 +91,32 @@ def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
     assert entry["outputs"]["train_plain"]["lora_trainer_saves"] == [1]
     for folder in ("models/loras", "output/training_states"):
         assert (server.base_dir / folder / "matrix" / f"{name}_1_steps_00001.safetensors").is_file(), folder
+    # kohya files (plain LoRA; DoRA + rsLoRA) reloaded by ComfyUI's own loader act exactly as model_with_lora
+    for tag in ("ckpt", "plain"):
+        rel = entry["outputs"][f"cmp_kohya_{tag}"]["rel_diff"][0]
+        assert rel < 1e-3, f"kohya file of the {tag} run: output differs from model_with_lora by {rel}"
+    check_diffusers_round_trip(server, path.name, name)
+
+
+# Families whose ComfyUI key map has diffusers (transformer./unet.) names for every layer a default LoRA adapts: saving
+# them as diffusers must work. Other families either work too or fail with the error naming what has no name.
+DIFFUSERS_FAMILIES = {"sd15", "sd2", "sdxl", "sd3", "sd35", "flux_dev", "flux_schnell", "chroma", "auraflow",
+                      "pixart_alpha", "pixart_sigma", "hunyuan_video", "hidream", "qwen_image"}
+
+
+def check_diffusers_round_trip(server, unet_name: str, name: str) -> None:
+    """The same prompt again (the trainings come from ComfyUI's cache) with the default LoRA saved in diffusers names
+    and reloaded: it acts as model_with_lora, or, for a family without diffusers names, the save fails clearly."""
+    wf = wfs.family_matrix(unet_name, name)
+    wf.update(wfs.saved_and_reloaded("train_ckpt", "diffusers", f"matrix/{name}_diffusers", "diffusers"))
+    try:
+        entry = server.run(server.with_defaults(wf))
+    except harness.PromptError as e:
+        assert name not in DIFFUSERS_FAMILIES, f"{name} must save as diffusers: {e}"
+        assert "cannot be saved as diffusers: ComfyUI knows no diffusers" in str(e), str(e)
+        return
+    rel = entry["outputs"]["cmp_diffusers"]["rel_diff"][0]
+    assert rel < 1e-3, f"diffusers file: output differs from model_with_lora by {rel}"
 
 
 @pytest.mark.parametrize("name", ["wan21_t2v", "hunyuan_video", "ltxv"])

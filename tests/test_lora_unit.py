@@ -18,7 +18,8 @@ from torch import nn  # noqa: E402
 
 from lora import file_format  # noqa: E402
 from lora.finite import first_non_finite  # noqa: E402
-from lora.adapter_set import AdapterSet, LoraFileError, holds_adapters, split_keys  # noqa: E402
+from lora.adapter_set import AdapterSet, LoraFileError, split_keys  # noqa: E402
+from lora.key_formats import holds_adapters  # noqa: E402
 from lora.algorithms import ALGORITHMS, detect  # noqa: E402
 from lora.injection import attached  # noqa: E402
 from lora.layer_spec import LayerSpec  # noqa: E402

@@ -92,7 +92,24 @@ def family_matrix(unet_name: str, family: str, steps: int = 2) -> dict:
     wf["options"] = {"class_type": "LoraTrainer_TrainingOptions", "inputs": {
         **TRAINING_OPTIONS_DEFAULTS, **MATRIX_OPTIONS, "save_prefix": f"matrix/{family}"}}
     wf["train_plain"]["inputs"]["options"] = ["options", 0]
+    # kohya names for the plain LoRA and for the one with every option (DoRA's dora_scale, rsLoRA's alpha)
+    for tag in ("ckpt", "plain"):
+        wf.update(saved_and_reloaded(f"train_{tag}", "kohya", f"matrix/{family}_{tag}_kohya", f"kohya_{tag}"))
     return wf
+
+
+def saved_and_reloaded(train_node: str, fmt: str, prefix: str, tag: str) -> dict:
+    """Save LoRA in ``fmt`` from ``train_node``, the file loaded back by ComfyUI's own LoraLoaderModelOnly, and its
+    output compared with the training node's own model_with_lora (``cmp_<tag>``: same model → rel_diff ≈ 0)."""
+    return {
+        f"save_{tag}": {"class_type": "LoraTrainer_SaveLoRA", "inputs": {
+            "lora": [train_node, 1], "prefix": prefix, "format": fmt}},
+        f"reload_{tag}": {"class_type": "LoraTrainerTest_LoadLoraByName", "inputs": {
+            "model": ["model", 0], "lora_name": [f"save_{tag}", 0], "strength": 1.0}},
+        f"cmp_{tag}": {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
+            "model_a": [train_node, 0], "model_b": [f"reload_{tag}", 0], "latents": ["data", 0],
+            "positive": ["data", 1], "nonce": 0, "points": 1}},
+    }
 
 
 def demo(dataset: str = "demo.safetensors", steps: int = 40) -> dict:

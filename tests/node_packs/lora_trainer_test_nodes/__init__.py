@@ -166,3 +166,7 @@ NODE_CLASS_MAPPINGS["LoraTrainerTest_PoisonLora"] = PoisonLora
 from . import held_save  # noqa: E402
 
 held_save.install()  # a no-op unless the server's environment asks to hold saves (tests/test_process_faults.py)
+
+from .load_by_name import LoadLoraByName  # noqa: E402
+
+NODE_CLASS_MAPPINGS["LoraTrainerTest_LoadLoraByName"] = LoadLoraByName
