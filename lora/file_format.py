@@ -56,9 +56,19 @@ def build_metadata(*, steps: int, algorithm: str, rank: int, alpha: float, base_
 
 
 def stored_steps(metadata: dict[str, str] | None) -> int | None:
-    """Training steps recorded in a file's metadata (ours, else kohya's), or None when it has none."""
-    for key in (f"{META}steps", "ss_steps"):
-        value = (metadata or {}).get(key)
+    """Training steps recorded in a file's metadata (ours, else kohya's ``ss_steps``, else ai-toolkit's
+    ``training_info`` JSON ``{"step": N, ...}``), or None when it has none."""
+    metadata = metadata or {}
+    values = [metadata.get(f"{META}steps"), metadata.get("ss_steps")]
+    try:
+        info = json.loads(metadata.get("training_info", "null"))
+    except ValueError:
+        info = None
+    if isinstance(info, dict):
+        values.append(info.get("step"))
+    for value in values:
+        if isinstance(value, int) and value >= 0:
+            return value
         if value is not None and str(value).isascii() and str(value).isdecimal():
             return int(value)
     return None

@@ -206,3 +206,55 @@ def test_continue_training_from_fixture(server, cache_dir, name):
     assert math.isfinite(rel) and rel < CONTINUE_TOLERANCE and rel < CONTINUE_SHARE * moved, (
         f"{name}: Train LoRA continued from {lora} differs from ComfyUI's loading of it by {rel:.4g} (relative; the "
         f"fixture itself moves the base model's output by {moved:.4g})")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_step_count_a_trainer_records_is_read(name):
+    """Continuing counts the steps the file already has: kohya's ss_steps, ai-toolkit's training_info."""
+    from lora.file_format import stored_steps
+
+    _, _, metadata = fixture(name)
+    if "ss_steps" in metadata or "training_info" in metadata:
+        assert stored_steps(metadata) == fl.STEPS, metadata
+
+
+# -- Convert LoRA: a foreign file into another naming ------------------------------------------------------------------
+CONVERSIONS = [("diffusers_flux", "kohya", 1.0), ("kohya_flux", "diffusers", 0.5), ("lycoris_lokr_flux", "kohya", 0.5),
+               ("aitoolkit_wan", "kohya", 1.0), ("musubi_wan", "comfyui", -1.0), ("diffusers_sd3", "kohya", 1.0),
+               ("peft_qwen_image", "diffusers", 1.0), ("lycoris_loha_sdxl", "comfyui", 2.0),
+               ("kohya_sd15", "diffusers", 1.0)]
+
+
+@pytest.mark.parametrize("name, fmt, strength", CONVERSIONS)
+def test_convert_lora_writes_a_file_that_acts_as_the_original(server, cache_dir, name, fmt, strength):
+    """Convert LoRA (strength baked in) → the new file through ComfyUI's LoraLoaderModelOnly at 1 acts as the original
+    file loaded at that strength; the original is unchanged and the new file loads fully."""
+    model_name, lora = install(server, name, cache_dir)
+    original = server.base_dir / "models" / "loras" / lora
+    before = original.read_bytes()
+    wf = workflow(name, model_name, lora)
+    wf["foreign"]["inputs"]["strength_model"] = strength
+    wf["convert"] = {"class_type": "LoraTrainer_ConvertLoRA", "inputs": {
+        "model": ["model", 0], "lora_name": lora, "format": fmt, "strength": strength, "prefix": f"converted/{name}"}}
+    wf["converted"] = {"class_type": "LoraTrainerTest_LoadLoraByName", "inputs": {
+        "model": ["model", 0], "lora_name": ["convert", 0], "strength": 1.0}}
+    wf["cmp"] = compare(["foreign", 0], ["converted", 0])
+    wf["cmp_base"] = compare(["model", 0], ["foreign", 0])
+    entry, log = run(server, wf)
+    assert_fully_read(log)
+    assert original.read_bytes() == before
+    rel, moved = entry["outputs"]["cmp"]["rel_diff"][0], entry["outputs"]["cmp_base"]["rel_diff"][0]
+    print(f"{name} → {fmt} at {strength}: converted vs original {rel:.3g}; the original moves the model by {moved:.3g}")
+    assert rel < CONTINUE_TOLERANCE and rel < CONTINUE_SHARE * moved, (name, fmt, rel, moved)
+
+
+def test_convert_lora_refuses_what_a_format_cannot_hold(server, cache_dir):
+    model_name, lora = install(server, "lycoris_lokr_flux", cache_dir)
+    wf = workflow("lycoris_lokr_flux", model_name, lora)
+    del wf["foreign"]
+    wf["convert"] = {"class_type": "LoraTrainer_ConvertLoRA", "inputs": {
+        "model": ["model", 0], "lora_name": lora, "format": "diffusers", "strength": 1.0, "prefix": "converted/x"}}
+    with pytest.raises(harness.PromptError, match="format: this LoRA cannot be saved as diffusers: the diffusers "
+                                                  "format holds plain LoRA factors only"):
+        run(server, wf)
+    assert not (server.base_dir / "models" / "loras" / "converted" / "x_00001.safetensors").exists()

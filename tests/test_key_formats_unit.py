@@ -163,3 +163,13 @@ def test_a_layer_stored_with_swapped_halves_gets_its_up_rows_swapped_in_diffuser
     up = state[f"{P}final.mod.lora_up.weight"]
     torch.testing.assert_close(saved["transformer.norm_out.linear.lora_B.weight"], torch.cat([up[2:], up[:2]]))
     assert "lora_unet_final_mod.lora_up.weight" in NAMING.convert(state, "kohya")  # kohya: the layer's own order
+
+
+def test_step_counts_of_every_trainer_are_read():
+    from lora.file_format import stored_steps
+
+    assert stored_steps({"lora_trainer.steps": "7", "ss_steps": "3"}) == 7
+    assert stored_steps({"ss_steps": "300"}) == 300
+    assert stored_steps({"training_info": '{"step": 1250, "epoch": 3}'}) == 1250
+    assert stored_steps({"training_info": "not json"}) is None
+    assert stored_steps({"format": "pt"}) is None
