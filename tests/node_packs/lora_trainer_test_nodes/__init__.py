@@ -167,6 +167,7 @@ from . import held_save  # noqa: E402
 
 held_save.install()  # a no-op unless the server's environment asks to hold saves (tests/test_process_faults.py)
 
-from .load_by_name import LoadLoraByName  # noqa: E402
+from .load_by_name import LoadLoraByName, PlainDict  # noqa: E402
 
 NODE_CLASS_MAPPINGS["LoraTrainerTest_LoadLoraByName"] = LoadLoraByName
+NODE_CLASS_MAPPINGS["LoraTrainerTest_PlainDict"] = PlainDict

@@ -1,5 +1,6 @@
-"""A LoRA file loaded by a name computed in the graph (Save LoRA's filename output), through ComfyUI's own
-LoraLoaderModelOnly: its lora_name is a combo, which a link from a STRING output cannot feed."""
+"""LoRA helpers for graphs: a file loaded by a name computed in the graph (Save LoRA's filename output), through
+ComfyUI's own LoraLoaderModelOnly (its lora_name is a combo, which a link from a STRING output cannot feed); and a
+LORA_MODEL as a bare dict, as ComfyUI's own training node gives one (no metadata, no layer names)."""
 
 
 class LoadLoraByName:
@@ -16,3 +17,16 @@ class LoadLoraByName:
         import nodes
 
         return nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora_name, strength)
+
+
+class PlainDict:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"lora": ("LORA_MODEL",)}}
+
+    RETURN_TYPES = ("LORA_MODEL",)
+    FUNCTION = "strip"
+    CATEGORY = "testing"
+
+    def strip(self, lora):
+        return (dict(lora),)
