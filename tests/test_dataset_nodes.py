@@ -212,7 +212,14 @@ def test_saved_file_carries_the_metadata_hubs_read(server, image_folder):
     wf = dataset_workflow("metadata", image_folder, steps=2)
     wf["save"]["inputs"].update(format="kohya", title="Blocks", trigger_words="sks blocks", loss=["train", 2],
                                 captions=["images", 1])
+    wf["save_pictured"] = {**wf["save"], "inputs": {**wf["save"]["inputs"], "thumbnail": ["images", 0]}}
     entry = server.run(wf)
+    pictured = server.base_dir / "models" / "loras" / entry["outputs"]["save_pictured"]["text"][0]
+    with safe_open(str(pictured), framework="pt") as f:
+        thumb = f.metadata()["modelspec.thumbnail"].removeprefix("data:image/png;base64,")
+    thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(thumb))).convert("RGB"))
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in (server.base_dir / "input" / image_folder).glob("*.png")]
+    assert any(i.shape == thumb.shape and (i == thumb).all() for i in images)  # the first image the list gave
     path = server.base_dir / "models" / "loras" / entry["outputs"]["save"]["text"][0]
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()

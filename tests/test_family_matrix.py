@@ -105,9 +105,11 @@ DIFFUSERS_FAMILIES = {"sd15", "sd2", "sdxl", "sd3", "sd35", "flux_dev", "flux_sc
 
 
 def check_diffusers_round_trip(server, unet_name: str, name: str) -> None:
-    """The same prompt again (the trainings come from ComfyUI's cache) with the default LoRA saved in diffusers names
-    and reloaded: it acts as model_with_lora, or, for a family without diffusers names, the save fails clearly."""
+    """The same prompt again (the trainings come from ComfyUI's cache) with the options LoRA saved in ComfyUI's names
+    and the default LoRA in diffusers names, both reloaded: each acts as its model_with_lora, or, for a family without
+    diffusers names, the diffusers save fails clearly."""
     wf = wfs.family_matrix(unet_name, name)
+    wf.update(wfs.saved_and_reloaded("train_plain", "comfyui", f"matrix/{name}_comfyui", "comfyui"))
     wf.update(wfs.saved_and_reloaded("train_ckpt", "diffusers", f"matrix/{name}_diffusers", "diffusers"))
     try:
         entry = server.run(server.with_defaults(wf))
@@ -115,8 +117,9 @@ def check_diffusers_round_trip(server, unet_name: str, name: str) -> None:
         assert name not in DIFFUSERS_FAMILIES, f"{name} must save as diffusers: {e}"
         assert "cannot be saved as diffusers: ComfyUI knows no diffusers" in str(e), str(e)
         return
-    rel = entry["outputs"]["cmp_diffusers"]["rel_diff"][0]
-    assert rel < 1e-3, f"diffusers file: output differs from model_with_lora by {rel}"
+    for fmt in ("comfyui", "diffusers"):
+        rel = entry["outputs"][f"cmp_{fmt}"]["rel_diff"][0]
+        assert rel < 1e-3, f"{fmt} file: output differs from model_with_lora by {rel}"
 
 
 @pytest.mark.parametrize("name", ["wan21_t2v", "hunyuan_video", "ltxv"])
