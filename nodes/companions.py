@@ -11,7 +11,7 @@ import folder_paths
 from ..lora.adapter_set import LoraFileError
 from ..lora.file_format import PATH_MAX_BYTES, SUFFIX_BYTES, check_name_parts
 from .loss_chart import loss_map_chart
-from . import comfy_bridge
+from . import comfy_bridge, process_group
 
 
 def confined(base: Path, prefix: str, what: str) -> tuple[Path, str]:
@@ -70,6 +70,8 @@ class LossGraph:
         }}
 
     def plot(self, loss, filename_prefix):
+        if not process_group.writes_files():
+            return {"ui": {}}
         image = loss_map_chart(loss)
         from PIL import Image
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..lora.adapter_set import LoraFileError
 from ..lora.file_format import META
 from ..lora.key_formats import FORMATS, with_strength
-from . import lora_files, lora_writer, save_metadata
+from . import lora_files, lora_writer, process_group, save_metadata
 from .companions import confined
 
 
@@ -34,6 +34,8 @@ class ConvertLoRA:
         }}
 
     def convert(self, model, lora_name, format, strength, prefix):
+        if not process_group.writes_files():
+            return process_group.skipped("the converted LoRA")
         tensors, metadata, _ = lora_files.read_lora(lora_name, "lora_name")
         naming = lora_writer.naming_for(tensors, model, "lora_name")
         try:

@@ -11,7 +11,7 @@ import folder_paths
 from ..lora.file_format import save_new
 from ..lora.finite import first_non_finite
 from ..training.dataset_file import pack, unpack
-from . import inputs
+from . import inputs, process_group
 from .companions import confined
 from .safe_files import inside, listed, read_safetensors
 
@@ -43,6 +43,8 @@ class SaveTrainingDataset:
         }}
 
     def save(self, latents, positive, name):
+        if not process_group.writes_files():
+            return process_group.skipped("the data set")
         samples = inputs.latent_samples(latents)
         captions = inputs.captions_for(positive, len(samples))
         tensors, metadata = pack(samples, captions)

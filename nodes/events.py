@@ -5,6 +5,8 @@ import functools
 import sys
 from typing import Any
 
+from ..training.distributed import Ranks
+
 EVENT_PREFIX = "lora_trainer."
 
 
@@ -16,6 +18,8 @@ def _prompt_server_class():
 
 
 def send(event: str, data: dict[str, Any]) -> None:
+    if not Ranks.current().main:  # in a data-parallel run, rank 0 reports for all
+        return
     cls = _prompt_server_class()
     instance = getattr(cls, "instance", None) if cls is not None else None
     if instance is not None:

@@ -12,7 +12,7 @@ import torch
 from ..lora.file_format import LoraWeights, save_new
 from ..training import train_state
 from ..training.train_state import StateError, TrainState
-from . import events, lora_files
+from . import events, lora_files, process_group
 from .companions import confined
 from .safe_files import inside, read_safetensors
 from .training_options import RunOptions, states_dir
@@ -47,6 +47,9 @@ class IntermediateSaves:
         self.steps: list[int] = []  # the run's step numbers at which a save was made
 
     def __call__(self, state: TrainState) -> None:
+        self.steps.append(state.step)
+        if not process_group.writes_files():
+            return
         total = self.previous + len(state.losses)
         lora = self.lora_at(total)
         name = f"{self.stem}_{total}_steps"
@@ -56,7 +59,6 @@ class IntermediateSaves:
                                                      "lora_file": shown, "validation": self.validated})
         state_path = save_new(self.state_dir, name, tensors, metadata, "training state")
         self.written.append((lora_path, state_path))
-        self.steps.append(state.step)
         log.info("step %d: saved %s and its training state %s", state.step, shown, state_path.name)
         events.send("saved", {"node": self.node_id, "step": state.step, "file": shown})
         while self.keep_last and len(self.written) > self.keep_last:

@@ -10,7 +10,7 @@ from ..lora.adapter_set import split_keys
 from ..lora.algorithms import detect
 from ..lora.file_format import META, build_metadata
 from ..lora.key_formats import FORMATS
-from . import inputs, lora_files, lora_writer, save_metadata
+from . import inputs, lora_files, lora_writer, process_group, save_metadata
 from .companions import confined
 
 
@@ -51,6 +51,8 @@ class SaveLoRA:
 
     def save(self, lora, prefix, steps=None, format=None, model=None, title=None, trigger_words=None, thumbnail=None,
              loss=None, captions=None):
+        if not process_group.writes_files():
+            return process_group.skipped("the LoRA")
         if isinstance(lora, list) and len(lora) > 1:
             raise ValueError(f"lora: got a list of {len(lora)} LoRAs; Save LoRA saves one")
         lora, prefix = inputs.one(lora, "lora"), inputs.one(prefix, "prefix")

@@ -17,11 +17,12 @@ from ..lora.injection import attached
 from ..training import loop
 from ..training.checkpointing import checkpointed
 from ..training.data import DataError, group_by_shape
+from ..training.distributed import Ranks
 from ..training.objectives import LOSSES
 from ..training.optimizers import OPTIMIZERS
 from ..training.train_state import StateError
 from ..training.validation import Validation
-from . import comfy_bridge, events, inputs, lora_files, run_saves, save_metadata
+from . import comfy_bridge, events, inputs, lora_files, process_group, run_saves, save_metadata
 from .training_options import OPTIONS_TYPE, RunOptions
 
 log = logging.getLogger("lora_trainer")
@@ -225,7 +226,7 @@ class TrainLoRA:
             with attached(root, adapters), checkpointed(root, gradient_checkpointing):
                 try:
                     result = loop.train(adapters.trainable(), groups, comfy_bridge.denoiser(clone, conditioning),
-                                        schedule, settings, generator, callbacks, resume)
+                                        schedule, settings, generator, callbacks, resume, Ranks.current())
                 except StateError as e:
                     raise ValueError(f"resume_from: '{run.resume_from}' does not fit this run: {e}") from None
 
@@ -247,7 +248,7 @@ class TrainLoRA:
     def _keep(lora: LoraWeights, total: int, folder: str, steps_done: int) -> str | None:
         """Saves what a stopped run trained (the LoRA of its last finished step) into loras/<folder>/; returns the
         file's name in that folder, or None when this run finished no step (there is nothing new to keep)."""
-        if steps_done == 0:
+        if steps_done == 0 or not process_group.writes_files():
             return None
         return save_new(lora_files.main_lora_dir() / folder, f"{folder}_step{total}", dict(lora), lora.metadata).name
 

@@ -100,7 +100,7 @@ def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
 
 # Families whose ComfyUI key map has diffusers (transformer./unet.) names for every layer a default LoRA adapts: saving
 # them as diffusers must work. Other families either work too or fail with the error naming what has no name.
-DIFFUSERS_FAMILIES = {"sd15", "sd2", "sdxl", "sd3", "sd35", "flux_dev", "flux_schnell", "chroma", "auraflow",
+DIFFUSERS_FAMILIES = {"sd15", "sd2", "sdxl", "sd3", "sd35", "flux_dev", "flux_schnell", "auraflow",
                       "pixart_alpha", "pixart_sigma", "hunyuan_video", "hidream", "qwen_image"}
 
 

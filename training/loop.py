@@ -16,6 +16,7 @@ from .timesteps import TimestepSampling
 from .flat_params import FlatParams
 from .inplace_safe import CopyOnWrite, protected
 from .data import Group, micro_batches
+from .distributed import Ranks
 from .ema import EMA
 from .train_state import TrainState
 
@@ -108,13 +109,15 @@ def sample_loss(denoise: DenoiseFn, schedule: objectives.Schedule, x0: torch.Ten
 
 def train(params: Iterable[torch.nn.Parameter], groups: list[Group], denoise: DenoiseFn, schedule: objectives.Schedule,
           settings: Settings, generator: torch.Generator, callbacks: Callbacks = Callbacks(),
-          resume: TrainState | None = None) -> Result:
+          resume: TrainState | None = None, ranks: Ranks = Ranks()) -> Result:
     """Trains ``params`` (fp32 master weights) in place. Every random draw comes from ``generator``. With ``resume``
-    the run continues from that state (weights, optimizer, generator, data position, history) at its step."""
+    the run continues from that state (weights, optimizer, generator, data position, history) at its step. With
+    several ``ranks`` (torch.distributed) each trains its share of every global micro-batch of
+    batch_size × world rows, and the gradients are summed across ranks once per step (see ``distributed``)."""
     flat = FlatParams(params)
     ema = EMA(flat, settings.ema_decay) if settings.ema_decay else None
     try:
-        result = _train(flat, ema, groups, denoise, schedule, settings, generator, callbacks, resume)
+        result = _train(flat, ema, groups, denoise, schedule, settings, generator, callbacks, resume, ranks)
         if ema is not None:  # the average is the result, also of a cancelled or diverged run
             ema.copy_to(flat)
         return result
@@ -123,9 +126,10 @@ def train(params: Iterable[torch.nn.Parameter], groups: list[Group], denoise: De
 
 
 def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: DenoiseFn, schedule: objectives.Schedule,
-           settings: Settings, generator: torch.Generator, callbacks: Callbacks, resume: TrainState | None) -> Result:
+           settings: Settings, generator: torch.Generator, callbacks: Callbacks, resume: TrainState | None,
+           ranks: Ranks) -> Result:
     opt = optimizers.build(settings.optimizer, flat.tensors, settings.learning_rate)
-    batches = micro_batches(groups, settings.batch_size, generator)
+    batches = micro_batches(groups, settings.batch_size * ranks.world, generator)
     result = Result()
     smoothed = None
     non_finite_in_a_row = 0
@@ -147,22 +151,27 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
                     raise _Cancel()
                 group, rows = next(batches)
                 x0 = group.latents[rows]
+                # drawn for the whole global batch on every rank, so each rank's share is what one process draws
                 noise = settings.timesteps.noise(x0.shape, generator)
                 sigma = settings.timesteps.sigmas(schedule, len(rows), generator, x0.shape)
-                ids = [group.sample_ids[r] for r in rows]
-                per_sample = sample_loss(denoise, schedule, x0, ids, noise, sigma, settings.loss_function,
-                                         settings.compute_dtype)
-                weights = settings.timesteps.loss_weights(schedule, sigma)
-                loss = (per_sample if weights is None else per_sample * weights.to(per_sample.device)).mean()
-                (loss / settings.grad_accumulation_steps).backward()
-                total += float(loss.detach())
+                mine = ranks.share(len(rows))
+                if mine.stop > mine.start:
+                    ids = [group.sample_ids[r] for r in rows[mine]]
+                    per_sample = sample_loss(denoise, schedule, x0[mine], ids, noise[mine], sigma[mine],
+                                             settings.loss_function, settings.compute_dtype)
+                    weights = settings.timesteps.loss_weights(schedule, sigma[mine])
+                    weighted = per_sample if weights is None else per_sample * weights.to(per_sample.device)
+                    # one process: the batch mean; a rank: its rows' part of the global batch mean (summed later)
+                    loss = weighted.mean() if ranks.world == 1 else weighted.sum() / len(rows)
+                    (loss / settings.grad_accumulation_steps).backward()
+                    total += float(loss.detach())
                 callbacks.micro_step()
             except (_Cancel, *callbacks.cancel_exceptions):
                 # Keep what the finished optimizer steps trained; drop the half-accumulated gradients.
                 flat.zero_grad()
                 result.cancelled = True
                 return result
-        mean = total / settings.grad_accumulation_steps
+        mean = ranks.sum_gradients_and([f.grad for f in flat.tensors], total / settings.grad_accumulation_steps)
         elapsed = time.monotonic() - start
         eta = elapsed / (step + 1 - first) * (settings.steps - step - 1)
         grad_norm = flat.grad_norm()
