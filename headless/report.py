@@ -38,8 +38,9 @@ class Report:
     """Receives the executor's messages and progress from the prompt's thread and prints them. On a terminal the
     progress of any node is one line redrawn in place; elsewhere (logs, torchrun) only whole lines are printed."""
 
-    def __init__(self, out: TextIO, err: TextIO, verbose: bool = False, tty: bool | None = None):
+    def __init__(self, out: TextIO, err: TextIO, verbose: bool = False, tty: bool | None = None, label: str = ""):
         self.out, self.err, self.verbose = out, err, verbose
+        self.label = label  # before every error line: which rank of a torchrun job says it
         self.tty = out.isatty() if tty is None else tty
         self.prompt: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -55,6 +56,8 @@ class Report:
                 self.out.write("\r\x1b[K")
                 self._open_line = False
             stream = stream or self.out
+            if stream is self.err and self.label:
+                text = "\n".join(self.label + line for line in text.split("\n"))
             stream.write(text + "\n")
             stream.flush()
 

@@ -42,7 +42,7 @@ _import_as_package()
 if not __package__:
     __package__ = "headless"  # PEP 366: relative imports below work when run as a file too
 
-from . import comfy_host, workflow  # noqa: E402
+from . import comfy_host, ranks, workflow  # noqa: E402
 from .report import Report  # noqa: E402
 from .stand_in import HeadlessServer  # noqa: E402
 
@@ -79,7 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     opts, comfy_argv = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if opts.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(message)s")
-    report = Report(sys.stdout, sys.stderr, verbose=opts.verbose)
+    ranks.join()
+    try:
+        return run(opts, comfy_argv)
+    finally:
+        ranks.leave()
+
+
+def run(opts: argparse.Namespace, comfy_argv: list[str]) -> int:
+    # Under torchrun rank 0 prints the progress; every rank prints its own errors, named by its rank.
+    quiet = ranks.rank() > 0
+    report = Report(open(os.devnull, "w") if quiet else sys.stdout, sys.stderr, verbose=opts.verbose,
+                    label=f"rank {ranks.rank()}: " if ranks.world_size() > 1 else "")
     try:
         prompt = workflow.load(opts.workflow)
         overrides = [workflow.parse_override(text) for text in opts.overrides]

@@ -36,14 +36,17 @@ class Ranks:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (self.rank < extra))
 
-    def sum_gradients_and(self, grads: list[torch.Tensor], loss: float) -> float:
-        """Sums the gradient buffers (in place) and ``loss`` over all ranks: one collective per call."""
+    def sum_gradients_and(self, grads: list[torch.Tensor], loss: float, stop: bool = False) -> tuple[float, bool]:
+        """Sums the gradient buffers (in place) and ``loss`` over all ranks, and tells whether any rank wants to
+        ``stop`` (a cancel): one collective per optimizer step, so a rank that stops never leaves the others waiting
+        in the next one."""
         if self.world == 1:
-            return loss
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+            return loss, stop
+        flat = torch.cat([g.reshape(-1).float() for g in grads]
+                         + [torch.tensor([loss, float(stop)], device=grads[0].device)])
         torch.distributed.all_reduce(flat)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
-        return float(flat[-1])
+        return float(flat[-2]), bool(flat[-1] > 0)

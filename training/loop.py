@@ -145,6 +145,7 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
         for param_group in opt.param_groups:
             param_group["lr"] = lr
         total = 0.0
+        stop = False
         for _ in range(settings.grad_accumulation_steps):
             try:
                 if callbacks.cancelled():
@@ -167,11 +168,14 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
                     total += float(loss.detach())
                 callbacks.micro_step()
             except (_Cancel, *callbacks.cancel_exceptions):
-                # Keep what the finished optimizer steps trained; drop the half-accumulated gradients.
-                flat.zero_grad()
-                result.cancelled = True
-                return result
-        mean = ranks.sum_gradients_and([f.grad for f in flat.tensors], total / settings.grad_accumulation_steps)
+                stop = True
+                break
+        mean, stop = ranks.sum_gradients_and([f.grad for f in flat.tensors], total / settings.grad_accumulation_steps,
+                                             stop)
+        if stop:  # a cancel (on any rank): keep what the finished steps trained, drop the half-accumulated gradients
+            flat.zero_grad()
+            result.cancelled = True
+            return result
         elapsed = time.monotonic() - start
         eta = elapsed / (step + 1 - first) * (settings.steps - step - 1)
         grad_norm = flat.grad_norm()

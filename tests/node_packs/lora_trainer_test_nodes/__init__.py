@@ -171,3 +171,7 @@ from .load_by_name import LoadLoraByName, PlainDict  # noqa: E402
 
 NODE_CLASS_MAPPINGS["LoraTrainerTest_LoadLoraByName"] = LoadLoraByName
 NODE_CLASS_MAPPINGS["LoraTrainerTest_PlainDict"] = PlainDict
+
+from .fail_on_rank import FailOnRank  # noqa: E402
+
+NODE_CLASS_MAPPINGS["LoraTrainerTest_FailOnRank"] = FailOnRank
