@@ -204,6 +204,7 @@ def test_saved_file_carries_the_metadata_hubs_read(server, image_folder):
     thumbnail: every ss_* / modelspec key has the run's value and the sshs hashes are kohya's definition of them."""
     import base64
     import collections
+    import datetime
     import hashlib
     import io
 
@@ -233,6 +234,9 @@ def test_saved_file_carries_the_metadata_hubs_read(server, image_folder):
             "modelspec.trigger_phrase": "sks blocks", "modelspec.resolution": "64x64", "lora_trainer.format": "kohya"}
     assert {k: meta.get(k) for k in want} == want
     assert 0 < float(meta["ss_training_started_at"]) <= float(meta["ss_training_finished_at"])
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"  # SD3's own names
+    assert datetime.datetime.fromisoformat(meta["modelspec.date"]).tzinfo is not None
     tags = json.loads(meta["ss_tag_frequency"])["dataset"]
     # kohya's tags: the comma-separated parts of every caption (the long caption repeats one tag six times)
     assert tags == dict(collections.Counter(
