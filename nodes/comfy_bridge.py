@@ -119,15 +119,21 @@ def latent_dims(patcher) -> tuple[int, str]:
     return getattr(patcher.model.latent_format, "latent_dimensions", 2), base_model_name(patcher)
 
 
-def latents_in_model_space(patcher, samples: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def data_device() -> torch.device:
+    """Where the data set waits between micro-batches: ComfyUI's device for data between nodes (the CPU, unless
+    --gpu-only), so the training device holds one micro-batch of it at a time, however large the data set."""
+    return comfy.model_management.intermediate_device()
+
+
+def latents_in_model_space(patcher, samples: list[torch.Tensor]) -> list[torch.Tensor]:
     """Applies the model's latent format (scale/shift, frame folding), as ComfyUI's samplers do before denoising,
     and checks the channels it gives against what the model takes: a latent from another VAE is blamed on
-    ``latents`` before any forward."""
+    ``latents`` before any forward. The results stay on ``data_device()``."""
     fmt = patcher.model.latent_format
     out = []
     for i, sample in enumerate(samples):
         try:
-            x = patcher.model.process_latent_in(sample.unsqueeze(0).to(device))[0]
+            x = patcher.model.process_latent_in(sample.unsqueeze(0).to(data_device()))[0]
         except RuntimeError as e:  # per-channel statistics that do not broadcast
             raise ValueError(f"latents: image {i} (shape {tuple(sample.shape)}) does not fit this "
                              f"{base_model_name(patcher)} model's latent format ({e})") from None
@@ -140,12 +146,20 @@ def latents_in_model_space(patcher, samples: list[torch.Tensor], device: torch.d
 
 
 class SampleConditioning:
-    """Each sample's own conditioning, encoded once by the model (``extra_conds``) and batched on demand."""
+    """Each sample's own conditioning, encoded once by the model (``extra_conds``), kept on ``data_device()`` and
+    batched onto the training device on demand. Samples that share one caption (and latent shape) share one encoding:
+    a caption given for all images is stored once, not once per image."""
 
     def __init__(self, patcher, captions: list[list], latents: list[torch.Tensor], device: torch.device, seed: int = 0):
+        self.device = device
         self.per_sample = []
         self.unchecked: int | None = None  # the sample whose layout the first training forward checks (see check)
+        encoded_for: dict[tuple[int, tuple[int, ...]], dict] = {}
         for i, (caption, x) in enumerate(zip(captions, latents)):
+            shared = (id(caption), tuple(x.shape))
+            if shared in encoded_for:
+                self.per_sample.append(encoded_for[shared])
+                continue
             converted = comfy.sampler_helpers.convert_cond([caption])
             noise_like = x.unsqueeze(0)
             try:
@@ -158,15 +172,17 @@ class SampleConditioning:
                 conds = {}
                 for k, v in encoded[0]["model_conds"].items():
                     v = v.process_cond(batch_size=1, device=device, area=None)
-                    conds[k] = v._copy_with(v.cond.to(device)) if torch.is_tensor(v.cond) else v
+                    conds[k] = v._copy_with(v.cond.to(data_device())) if torch.is_tensor(v.cond) else v
             except Exception as e:  # the model could not use this conditioning at all
                 raise self.misfit(i, e) from e
             if not conds:
                 raise ValueError(f"positive: conditioning {i} gives this model no inputs (is it from the right encoder?)")
+            encoded_for[shared] = conds
             self.per_sample.append(conds)
 
     def batch(self, ids: list[int]) -> dict:
-        return comfy.samplers.cond_cat([self.per_sample[i] for i in ids])
+        """The samples' conditioning concatenated (where it waits) and moved to the training device in one go."""
+        return {k: _on(v, self.device) for k, v in comfy.samplers.cond_cat([self.per_sample[i] for i in ids]).items()}
 
     def concat_groups(self, ids: list[int]) -> list[list[int]]:
         """Positions in ``ids`` split into runs whose conditionings ComfyUI can batch (``cond_equal_size``, as its
@@ -202,9 +218,20 @@ class SampleConditioning:
         for i in layouts.values():
             try:
                 with torch.no_grad():
-                    patcher.model.apply_model(x0[i].unsqueeze(0), sigma.to(x0[i].device), **self.batch([i]))
+                    patcher.model.apply_model(x0[i].unsqueeze(0).to(self.device), sigma.to(self.device),
+                                              **self.batch([i]))
             except Exception as e:
                 raise self.misfit(i, e) from e
+
+
+def _on(value, device: torch.device):
+    """A concatenated conditioning value on ``device``: tensors, and the tensors in lists (e.g. reference latents);
+    constants as they are."""
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on(v, device) for v in value)
+    return value
 
 
 def denoiser(patcher, conditioning: SampleConditioning):

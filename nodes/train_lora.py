@@ -163,7 +163,7 @@ class TrainLoRA:
 
         with torch.inference_mode(False), comfy_bridge.trainable_model(model, manual_cast) as clone:
             root = clone.model.diffusion_model
-            x0 = comfy_bridge.latents_in_model_space(clone, samples, device)
+            x0 = comfy_bridge.latents_in_model_space(clone, samples)
             groups = group_by_shape(x0)
             if existing is not None:
                 try:
@@ -211,11 +211,11 @@ class TrainLoRA:
                 run.timesteps.check(schedule, (1, *group.latents.shape[1:]))
             if validation_samples is not None:
                 with inputs.as_validation_data():
-                    validation_x0 = comfy_bridge.latents_in_model_space(clone, validation_samples, device)
+                    validation_x0 = comfy_bridge.latents_in_model_space(clone, validation_samples)
                     validation_conditioning = comfy_bridge.SampleConditioning(clone, validation_captions,
                                                                               validation_x0, device, seed)
                     validation_conditioning.check(clone, validation_x0)
-                validation = Validation(group_by_shape(validation_x0), schedule, seed + 1)
+                validation = Validation(group_by_shape(validation_x0), schedule, seed + 1, device=device)
                 validation_denoise = comfy_bridge.denoiser(clone, validation_conditioning)
             # ComfyUI raises InterruptProcessingException on cancel from its ops and its progress bar: the loop
             # treats it as a cancel, so the finished steps are kept.

@@ -129,6 +129,7 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
            settings: Settings, generator: torch.Generator, callbacks: Callbacks, resume: TrainState | None,
            ranks: Ranks) -> Result:
     opt = optimizers.build(settings.optimizer, flat.tensors, settings.learning_rate)
+    device = flat.tensors[0].device  # where the adapters, and so the model, train
     batches = micro_batches(groups, settings.batch_size * ranks.world, generator)
     result = Result()
     smoothed = None
@@ -151,7 +152,8 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
                 if callbacks.cancelled():
                     raise _Cancel()
                 group, rows = next(batches)
-                x0 = group.latents[rows]
+                # the data set waits off the training device; only this micro-batch goes there
+                x0 = group.latents[rows].to(device, non_blocking=True)
                 # drawn for the whole global batch on every rank, so each rank's share is what one process draws
                 noise = settings.timesteps.noise(x0.shape, generator)
                 sigma = settings.timesteps.sigmas(schedule, len(rows), generator, x0.shape)

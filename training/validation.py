@@ -15,12 +15,14 @@ POINTS = 4  # noise levels per latent: evenly spaced quantiles of the model's si
 
 
 class Validation:
-    def __init__(self, groups: list[Group], schedule: objectives.Schedule, seed: int, points: int = POINTS):
+    def __init__(self, groups: list[Group], schedule: objectives.Schedule, seed: int, points: int = POINTS,
+                 device: torch.device | None = None):
         table = schedule.sigmas
         picks = [int((i + 0.5) / points * len(table)) for i in range(points)]
         self.sigmas = table[picks]  # the same levels at every evaluation
         generator = torch.Generator().manual_seed(seed)
         self.groups = groups
+        self.device = device  # the training device the latents go to per evaluation (None: where they are)
         self.noise = [torch.randn((points, *g.latents.shape), generator=generator) for g in groups]
 
     def loss(self, sample_loss: Callable[..., torch.Tensor], denoise: DenoiseFn) -> float:
@@ -31,8 +33,8 @@ class Validation:
             for group, noise in zip(self.groups, self.noise):
                 for point, sigma in enumerate(self.sigmas):
                     n = len(group.sample_ids)
-                    losses = sample_loss(denoise, group.latents, group.sample_ids, noise[point],
-                                         sigma.repeat(n))
+                    latents = group.latents if self.device is None else group.latents.to(self.device)
+                    losses = sample_loss(denoise, latents, group.sample_ids, noise[point], sigma.repeat(n))
                     total += float(losses.sum())
                     count += n
         return total / count
