@@ -11,7 +11,7 @@ import folder_paths
 from ..lora.adapter_set import LoraFileError
 from ..lora.file_format import PATH_MAX_BYTES, SUFFIX_BYTES, check_name_parts
 from .loss_chart import loss_map_chart
-from . import comfy_bridge, process_group
+from . import comfy_bridge, lora_files, process_group
 
 
 def confined(base: Path, prefix: str, what: str) -> tuple[Path, str]:
@@ -32,7 +32,9 @@ def confined(base: Path, prefix: str, what: str) -> tuple[Path, str]:
 
 
 class ApplyLoRA:
-    DESCRIPTION = "Applies a LORA_MODEL to a MODEL at a strength, exactly as ComfyUI's LoRA loaders do."
+    DESCRIPTION = ("Applies a LoRA to a MODEL at a strength, exactly as ComfyUI's LoRA loaders do: a connected "
+                   "LORA_MODEL, or a file of the loras folder in any naming ComfyUI reads (ComfyUI, kohya, LyCORIS, "
+                   "diffusers/PEFT, ai-toolkit). A LoRA ComfyUI would apply only in part is an error.")
     CATEGORY = "LoRA Trainer"
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
@@ -41,17 +43,29 @@ class ApplyLoRA:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
-            "lora": ("LORA_MODEL", {"tooltip": "From Train LoRA or ComfyUI's own nodes."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+        }, "optional": {
+            "lora": ("LORA_MODEL", {"tooltip": "From Train LoRA or ComfyUI's own nodes (or pick a file instead)."}),
+            "lora_name": (lora_files.lora_choices(), {"default": lora_files.NONE,
+                                                      "tooltip": "A LoRA file of the loras folder, in any naming "
+                                                                 "ComfyUI reads; [None] when 'lora' is connected."}),
         }}
 
-    def apply(self, model, lora, strength):
+    def apply(self, model, strength, lora=None, lora_name=None):
+        named = lora_name not in (None, "", lora_files.NONE)
+        if lora is None and not named:
+            raise ValueError("lora: connect a LORA_MODEL, or pick a file in lora_name")
+        if lora is not None and named:
+            raise ValueError(f"lora_name: '{lora_name}' and a connected lora are both given; use one of them")
+        what = "lora_name" if named else "lora"
+        if named:
+            lora = lora_files.read_lora(lora_name, what)[0]
         if strength == 0:
             return (model,)
         try:
             return (comfy_bridge.with_lora(model, lora, strength),)
         except LoraFileError as e:
-            raise ValueError(f"lora: ComfyUI cannot apply all of it to this model: {e}") from None
+            raise ValueError(f"{what}: ComfyUI cannot apply all of it to this model: {e}") from None
 
 
 class LossGraph:

@@ -258,3 +258,30 @@ def test_convert_lora_refuses_what_a_format_cannot_hold(server, cache_dir):
                                                   "format holds plain LoRA factors only"):
         run(server, wf)
     assert not (server.base_dir / "models" / "loras" / "converted" / "x_00001.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["diffusers_flux", "musubi_wan", "lycoris_lokr_flux"])
+def test_apply_lora_takes_a_foreign_file_as_comfyui_loads_it(server, cache_dir, name):
+    model_name, lora = install(server, name, cache_dir)
+    wf = workflow(name, model_name, lora)
+    wf["foreign"]["inputs"]["strength_model"] = 0.7
+    wf["ours"] = {"class_type": "LoraTrainer_ApplyLoRA", "inputs": {"model": ["model", 0], "strength": 0.7,
+                                                                      "lora_name": lora}}
+    wf["cmp"] = compare(["foreign", 0], ["ours", 0])
+    wf["cmp_base"] = compare(["model", 0], ["ours", 0])
+    entry, log = run(server, wf)
+    assert_fully_read(log)
+    assert entry["outputs"]["cmp"]["rel_diff"][0] < 1e-6 < entry["outputs"]["cmp_base"]["rel_diff"][0]
+
+
+def test_apply_lora_refuses_a_file_of_another_model(server, cache_dir):
+    """A Wan LoRA on Flux: ComfyUI's loader would skip every key and return the model unchanged; ours says so."""
+    _, lora = install(server, "musubi_wan", cache_dir)
+    model_name, _ = install(server, "kohya_flux", cache_dir)
+    wf = workflow("kohya_flux", model_name, lora)
+    del wf["foreign"]
+    wf["ours"] = {"class_type": "LoraTrainer_ApplyLoRA", "inputs": {"model": ["model", 0], "strength": 1.0,
+                                                                      "lora_name": lora}}
+    wf["cmp"] = compare(["model", 0], ["ours", 0])
+    with pytest.raises(harness.PromptError, match="lora_name: ComfyUI cannot apply all of it to this model"):
+        run(server, wf)

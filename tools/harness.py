@@ -94,6 +94,7 @@ class ComfyServer:
         self.client_id = uuid.uuid4().hex
         self.process: subprocess.Popen | None = None
         self.log_path = self.base_dir / "comfyui.log"
+        self._barrier = 0  # the value of free()'s barrier prompt (see free)
 
     # -- life cycle -------------------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> "ComfyServer":
@@ -183,8 +184,15 @@ class ComfyServer:
         return out
 
     def free(self) -> None:
-        """Clears ComfyUI's execution cache and unloads models, so the same prompt really runs again."""
+        """Clears ComfyUI's execution cache and unloads models, so the same prompt really runs again.
+
+        ComfyUI's prompt worker applies /free's flags only between prompts: a prompt queued right after /free may run
+        before they are applied (on a busy machine it often does), on the old cache. So a tiny barrier prompt follows:
+        once it is done, the worker applies the flags before it takes the next prompt."""
         self.post("/free", {"unload_models": True, "free_memory": True})
+        self._barrier += 1
+        self.run({"value": {"class_type": "PrimitiveInt", "inputs": {"value": self._barrier}},
+                  "show": {"class_type": "PreviewAny", "inputs": {"source": ["value", 0]}}})
 
     def interrupt(self) -> None:
         self.post("/interrupt")
