@@ -84,6 +84,7 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps({"elapsed": elapsed, "communication": communication[0],
                                               "world": ranks.world}))
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # leave together (see headless/ranks.py leave)
         torch.distributed.destroy_process_group()
 
 

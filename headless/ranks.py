@@ -4,6 +4,7 @@ share of each batch (training/distributed.py), and only rank 0 writes files and 
 from __future__ import annotations
 
 import os
+import sys
 
 
 def world_size() -> int:
@@ -29,8 +30,22 @@ def join() -> None:
     torch.distributed.init_process_group(backend)
 
 
-def leave() -> None:
+def leave(succeeded: bool) -> None:
+    """After a successful run all ranks leave together: a rank exiting while another's gloo threads still talk to it
+    aborts ("terminate called without an active exception"). After a failure a rank just exits: the others may be
+    inside a collective that would never match a barrier, and torchrun stops them when this one ends."""
     import torch
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if succeeded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_now(code: int) -> None:
+    """Ends a torchrun worker without the interpreter's teardown, where gloo's background threads can still abort
+    the process (SIGABRT) after everything was done and written; a single process exits normally."""
+    if world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if opts.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(message)s")
     ranks.join()
+    code = EXIT_FAILED
     try:
-        return run(opts, comfy_argv)
+        code = run(opts, comfy_argv)
+        return code
     finally:
-        ranks.leave()
+        ranks.leave(succeeded=code == EXIT_OK)
 
 
 def run(opts: argparse.Namespace, comfy_argv: list[str]) -> int:
@@ -171,4 +173,4 @@ def execute(prompt: dict, prompt_id: str, outputs: list[str], stand_in: Headless
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ranks.exit_now(main())

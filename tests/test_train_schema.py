@@ -71,5 +71,5 @@ def test_types_plug_into_comfyuis_own_nodes(server):
     assert ours[1:3] == ["LORA_MODEL", "LOSS_MAP"]
     assert "LORA_MODEL" in builtin and "LOSS_MAP" in builtin
     assert info["LoraModelLoader"]["input"]["required"]["lora"][0] == "LORA_MODEL"
-    assert info["LoraTrainer_ApplyLoRA"]["input"]["required"]["lora"][0] == "LORA_MODEL"
+    assert info["LoraTrainer_ApplyLoRA"]["input"]["optional"]["lora"][0] == "LORA_MODEL"  # or a file: lora_name
     assert info["LoraTrainer_LossGraph"]["input"]["required"]["loss"][0] == "LOSS_MAP"

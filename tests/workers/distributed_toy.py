@@ -33,8 +33,11 @@ def main(out: str, batch_size: int, steps: int, accumulation: int) -> None:
         tensors["losses"] = torch.tensor(result.losses)
         safetensors.torch.save_file(tensors, out)
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # leave together (see headless/ranks.py leave)
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    sys.stdout.flush()
+    __import__("os")._exit(0)  # no interpreter teardown: gloo's threads can abort it (see headless/ranks.py exit_now)
