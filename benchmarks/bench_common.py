@@ -201,7 +201,7 @@ def bare_steps(model, latents, conditioning, batch: int, steps: int, seed: int =
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode(False), br.trainable_model(model) as clone:
         x0 = [clone.model.process_latent_in(x.unsqueeze(0).to(device))[0] for x in latents]
-        conds = br.SampleConditioning(clone, conditioning, x0, device)
+        conds = br.SampleConditioning(clone, conditioning, [tuple(x.shape) for x in x0], device)
         schedule = br.ComfySchedule(clone.model.model_sampling, device)
         start = time.perf_counter()
         for step in range(steps):
@@ -230,7 +230,7 @@ def eval_loss(model, latents, conditioning, seed: int = 123, points: int = 8) ->
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model])
         x0 = [model.model.process_latent_in(s.unsqueeze(0).to(device))[0] for s in latents]
-        conds = br.SampleConditioning(model, conditioning, x0, device)
+        conds = br.SampleConditioning(model, conditioning, [tuple(x.shape) for x in x0], device)
         schedule = br.ComfySchedule(model.model.model_sampling, device)
         table = schedule.sigmas
         gen = torch.Generator().manual_seed(seed)

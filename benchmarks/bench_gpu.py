@@ -105,7 +105,7 @@ def step_flops(model, latents, conditioning) -> float:
     device = comfy.model_management.get_torch_device()
     with torch.inference_mode(False), br.trainable_model(model) as clone:
         x0 = clone.model.process_latent_in(latents[:1].to(device))
-        conds = br.SampleConditioning(clone, conditioning[:1], list(x0), device)
+        conds = br.SampleConditioning(clone, conditioning[:1], [tuple(x0.shape[1:])], device)
         table = clone.model.model_sampling.sigmas
         sigma = table[len(table) // 2].reshape(1).detach().clone().to(device)  # a normal tensor, not an inference one
         x_t = (x0 + sigma * torch.randn_like(x0)).requires_grad_(True)

@@ -20,6 +20,8 @@ from ..lora import key_formats
 from ..lora.adapter_set import LoraFileError, split_keys
 from ..lora.file_format import MODEL_PREFIX
 from ..lora.key_formats import ModelNaming
+from ..training.data import Group, groups_of, to_device
+from .inputs import caption_identity
 
 log = logging.getLogger("lora_trainer")
 
@@ -125,72 +127,96 @@ def data_device() -> torch.device:
     return comfy.model_management.intermediate_device()
 
 
-def latents_in_model_space(patcher, samples: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Applies the model's latent format (scale/shift, frame folding), as ComfyUI's samplers do before denoising,
-    and checks the channels it gives against what the model takes: a latent from another VAE is blamed on
-    ``latents`` before any forward. The results stay on ``data_device()``."""
-    fmt = patcher.model.latent_format
-    out = []
-    for i, sample in enumerate(samples):
-        try:
-            x = patcher.model.process_latent_in(sample.unsqueeze(0).to(data_device()))[0]
-        except RuntimeError as e:  # per-channel statistics that do not broadcast
-            raise ValueError(f"latents: image {i} (shape {tuple(sample.shape)}) does not fit this "
-                             f"{base_model_name(patcher)} model's latent format ({e})") from None
-        if x.shape[0] != fmt.latent_channels:
-            raise ValueError(f"latents: image {i} has {sample.shape[0]} channels (shape {tuple(sample.shape)}); "
-                             f"this {base_model_name(patcher)} model takes latents of its own VAE "
-                             f"({fmt.latent_channels} channels in its latent space)")
-        out.append(x)
-    return out
+class ModelSpaceLatents:
+    """The training latents in the model's latent format (scale/shift, frame folding, as ComfyUI's samplers apply it
+    before denoising), made when a micro-batch is drawn: the inputs are read, never copied whole, so a data set costs
+    no memory beyond what its source holds (e.g. a memory-mapped file) and one micro-batch.
+
+    The channels the format gives are checked against what the model takes for each distinct input shape before any
+    training: a latent from another VAE is blamed on ``latents`` before any forward."""
+
+    def __init__(self, patcher, samples: list[torch.Tensor]):
+        self.patcher, self.samples = patcher, samples
+        fmt = patcher.model.latent_format
+        in_model_space: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self.shapes: list[tuple[int, ...]] = []  # each sample's shape in the model's latent space
+        for i, sample in enumerate(samples):
+            shape = tuple(sample.shape)
+            if shape not in in_model_space:
+                try:
+                    x = self.load([i])[0]
+                except RuntimeError as e:  # per-channel statistics that do not broadcast
+                    raise ValueError(f"latents: image {i} (shape {shape}) does not fit this "
+                                     f"{base_model_name(patcher)} model's latent format ({e})") from None
+                if x.shape[0] != fmt.latent_channels:
+                    raise ValueError(f"latents: image {i} has {shape[0]} channels (shape {shape}); "
+                                     f"this {base_model_name(patcher)} model takes latents of its own VAE "
+                                     f"({fmt.latent_channels} channels in its latent space)")
+                in_model_space[shape] = tuple(x.shape)
+            self.shapes.append(in_model_space[shape])
+
+    def load(self, ids: list[int]) -> torch.Tensor:
+        """These samples in the model's latent space, stacked on ``data_device()`` (fp32, a new tensor)."""
+        process = self.patcher.model.process_latent_in
+        return torch.stack([process(self.samples[i].unsqueeze(0).to(data_device(), torch.float32))[0] for i in ids])
+
+    def groups(self) -> list[Group]:
+        return groups_of(self.shapes, self.load)
 
 
 class SampleConditioning:
-    """Each sample's own conditioning, encoded once by the model (``extra_conds``), kept on ``data_device()`` and
-    batched onto the training device on demand. Samples that share one caption (and latent shape) share one encoding:
-    a caption given for all images is stored once, not once per image."""
+    """Each sample's own conditioning, encoded by the model (``extra_conds``) when its micro-batch is drawn and moved
+    to the training device as one concatenation. Nothing per sample is kept: the data set's memory is its captions'
+    own, and a caption given for all images is one tensor however many images share it.
 
-    def __init__(self, patcher, captions: list[list], latents: list[torch.Tensor], device: torch.device, seed: int = 0):
-        self.device = device
-        self.per_sample = []
+    Every distinct caption is encoded once up front (and dropped) so that one the model cannot use is an input error
+    before any training step."""
+
+    def __init__(self, patcher, captions: list[list], shapes: list[tuple[int, ...]], device: torch.device,
+                 seed: int = 0):
+        self.patcher, self.captions, self.shapes, self.device, self.seed = patcher, captions, shapes, device, seed
         self.unchecked: int | None = None  # the sample whose layout the first training forward checks (see check)
-        encoded_for: dict[tuple[int, tuple[int, ...]], dict] = {}
-        for i, (caption, x) in enumerate(zip(captions, latents)):
-            shared = (id(caption), tuple(x.shape))
-            if shared in encoded_for:
-                self.per_sample.append(encoded_for[shared])
-                continue
-            converted = comfy.sampler_helpers.convert_cond([caption])
-            noise_like = x.unsqueeze(0)
-            try:
-                # What ComfyUI's samplers pass too: some models read them (the x4 upscaler the seed of its noise
-                # augmentation; image-to-video models the latent_image as their start image when the conditioning
-                # has none). The start image is empty: the training latent itself would hand the model its target.
-                encoded = comfy.samplers.encode_model_conds(
-                    patcher.model.extra_conds, converted, noise_like, device, "positive",
-                    latent_image=torch.zeros_like(noise_like), seed=seed)
-                conds = {}
-                for k, v in encoded[0]["model_conds"].items():
-                    v = v.process_cond(batch_size=1, device=device, area=None)
-                    conds[k] = v._copy_with(v.cond.to(data_device())) if torch.is_tensor(v.cond) else v
-            except Exception as e:  # the model could not use this conditioning at all
-                raise self.misfit(i, e) from e
-            if not conds:
-                raise ValueError(f"positive: conditioning {i} gives this model no inputs (is it from the right encoder?)")
-            encoded_for[shared] = conds
-            self.per_sample.append(conds)
+        self.layouts: dict[tuple, int] = {}  # (latent shape, conditioning layout) -> its first sample
+        layout_of: dict[tuple[int, tuple[int, ...]], tuple] = {}
+        for i, (caption, shape) in enumerate(zip(captions, shapes)):
+            shared = (caption_identity(caption), shape)  # samples sharing one caption and latent shape encode alike
+            if shared not in layout_of:
+                conds = self.encode(i)
+                layout_of[shared] = (shape, tuple(sorted((k, tuple(getattr(v.cond, "shape", ()))[1:])
+                                                         for k, v in conds.items())))
+            self.layouts.setdefault(layout_of[shared], i)
 
-    def batch(self, ids: list[int]) -> dict:
+    def encode(self, i: int) -> dict:
+        """Sample i's model conditioning, on ``data_device()``; an error if the model cannot use it."""
+        noise_like = torch.zeros((1, *self.shapes[i]), device=data_device())
+        try:
+            # What ComfyUI's samplers pass too: some models read them (the x4 upscaler the seed of its noise
+            # augmentation; image-to-video models the latent_image as their start image when the conditioning
+            # has none). The start image is empty: the training latent itself would hand the model its target.
+            encoded = comfy.samplers.encode_model_conds(
+                self.patcher.model.extra_conds, comfy.sampler_helpers.convert_cond([self.captions[i]]), noise_like,
+                data_device(), "positive", latent_image=torch.zeros_like(noise_like), seed=self.seed)
+            conds = {k: v.process_cond(batch_size=1, device=data_device(), area=None)
+                     for k, v in encoded[0]["model_conds"].items()}
+        except Exception as e:  # the model could not use this conditioning at all
+            raise self.misfit(i, e) from e
+        if not conds:
+            raise ValueError(f"positive: conditioning {i} gives this model no inputs (is it from the right encoder?)")
+        return conds
+
+    def batch(self, ids: list[int], encoded: list[dict] | None = None) -> dict:
         """The samples' conditioning concatenated (where it waits) and moved to the training device in one go."""
-        return {k: _on(v, self.device) for k, v in comfy.samplers.cond_cat([self.per_sample[i] for i in ids]).items()}
+        encoded = encoded if encoded is not None else [self.encode(i) for i in ids]
+        return {k: _on(v, self.device) for k, v in comfy.samplers.cond_cat(encoded).items()}
 
-    def concat_groups(self, ids: list[int]) -> list[list[int]]:
-        """Positions in ``ids`` split into runs whose conditionings ComfyUI can batch (``cond_equal_size``, as its
-        samplers decide), e.g. captions of different token lengths go to different forwards. Usually one group."""
+    def concat_groups(self, encoded: list[dict]) -> list[list[int]]:
+        """Positions in a micro-batch's ``encoded`` conditionings split into runs ComfyUI can batch
+        (``cond_equal_size``, as its samplers decide), e.g. captions of different token lengths go to different
+        forwards. Usually one group."""
         groups: list[list[int]] = []
-        for pos, i in enumerate(ids):
+        for pos, conds in enumerate(encoded):
             for group in groups:
-                if comfy.samplers.cond_equal_size(self.per_sample[ids[group[0]]], self.per_sample[i]):
+                if comfy.samplers.cond_equal_size(encoded[group[0]], conds):
                     group.append(pos)
                     break
             else:
@@ -201,24 +227,19 @@ class SampleConditioning:
     def misfit(i: int, error: Exception) -> ValueError:
         return ValueError(f"positive: conditioning {i} does not fit this model ({type(error).__name__}: {error})")
 
-    def check(self, patcher, x0: list[torch.Tensor]) -> None:
+    def check(self, patcher, latents: ModelSpaceLatents) -> None:
         """Conditioning that lacks what the model needs (e.g. SD3 without a pooled output) must be a clear input error
         before any training step, not a crash inside one. With one (latent shape, conditioning layout) for all
         samples, the usual case, the first training forward is the check (``denoiser`` turns its failure into this
         error) and costs nothing extra; with several, each gets one no-grad forward here."""
-        layouts: dict[tuple, int] = {}
-        for i, conds in enumerate(self.per_sample):
-            layout = (tuple(x0[i].shape), tuple(sorted((k, tuple(getattr(v.cond, "shape", ()))[1:])
-                                                       for k, v in conds.items())))
-            layouts.setdefault(layout, i)
-        if len(layouts) == 1:
+        if len(self.layouts) == 1:
             self.unchecked = 0
             return
         sigma = patcher.model.model_sampling.sigmas[len(patcher.model.model_sampling.sigmas) // 2].reshape(1)
-        for i in layouts.values():
+        for i in self.layouts.values():
             try:
                 with torch.no_grad():
-                    patcher.model.apply_model(x0[i].unsqueeze(0).to(self.device), sigma.to(self.device),
+                    patcher.model.apply_model(to_device(latents.load([i]), self.device), sigma.to(self.device),
                                               **self.batch([i]))
             except Exception as e:
                 raise self.misfit(i, e) from e
@@ -228,7 +249,7 @@ def _on(value, device: torch.device):
     """A concatenated conditioning value on ``device``: tensors, and the tensors in lists (e.g. reference latents);
     constants as they are."""
     if torch.is_tensor(value):
-        return value.to(device, non_blocking=True)
+        return to_device(value, device)
     if isinstance(value, (list, tuple)):
         return type(value)(_on(v, device) for v in value)
     return value
@@ -238,15 +259,16 @@ def denoiser(patcher, conditioning: SampleConditioning):
     transformer_options = dict(patcher.model_options.get("transformer_options", {}))
     unchecked = conditioning.unchecked
 
-    def apply(x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int]) -> torch.Tensor:
-        kwargs = conditioning.batch(ids)
+    def apply(x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int], encoded: list[dict]) -> torch.Tensor:
+        kwargs = conditioning.batch(ids, encoded)
         return patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options, **kwargs)
 
     def batched(x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int]) -> torch.Tensor:
-        groups = conditioning.concat_groups(ids)
+        encoded = [conditioning.encode(i) for i in ids]
+        groups = conditioning.concat_groups(encoded)
         if len(groups) == 1:
-            return apply(x_t, sigma, ids)
-        parts = [apply(x_t[g], sigma[g], [ids[p] for p in g]) for g in groups]
+            return apply(x_t, sigma, ids, encoded)
+        parts = [apply(x_t[g], sigma[g], [ids[p] for p in g], [encoded[p] for p in g]) for g in groups]
         order = torch.tensor([p for g in groups for p in g], device=x_t.device)
         return torch.cat(parts)[torch.argsort(order)]  # back in the micro-batch's order
 

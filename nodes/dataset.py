@@ -1,6 +1,8 @@
-"""Save / load an encoded training data set (latents + captions) as one safetensors file with a JSON manifest.
+"""Save / load an encoded training data set (latents + captions) as safetensors files with a JSON manifest: one file,
+or a folder of them (shards, e.g. one per encoding run).
 
-Only tensors and JSON go in: loading never unpickles anything.
+Only tensors and JSON go in: loading never unpickles anything, and reads nothing but the files' headers (the tensors
+are memory-mapped, read when training draws them).
 """
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ from pathlib import Path
 import folder_paths
 
 from ..lora.file_format import save_new
-from ..lora.finite import first_non_finite
 from ..training.dataset_file import pack, unpack
+from ..training.mapped_safetensors import MappedFileError, open_mapped
 from . import inputs, process_group
 from .companions import confined
-from .safe_files import inside, listed, read_safetensors
+from .safe_files import inside, listed
 
 
 def dataset_dir() -> Path:
@@ -21,7 +23,37 @@ def dataset_dir() -> Path:
 
 
 def dataset_choices() -> list[str]:
-    return listed(dataset_dir())
+    """Every data set file, and every folder holding some ("name/": all of its files, a data set in shards)."""
+    files = listed(dataset_dir())
+    folders = {"/".join(parts[:n]) + "/" for parts in (f.split("/") for f in files) for n in range(1, len(parts))}
+    return sorted(folders) + files
+
+
+def dataset_files(name: str) -> list[Path]:
+    """The files a choice stands for: one file, or a folder's files in name order."""
+    path = inside(dataset_dir(), name, "dataset", folders=True)
+    if path.is_file():
+        return [path]
+    files = [path / f for f in listed(path)]
+    if not files:
+        raise ValueError(f"dataset: the folder '{name}' holds no data set file")
+    return files
+
+
+def read_dataset(name: str) -> tuple[list, list]:
+    """(latents, caption entries) of a data set file or folder of shards, memory-mapped: nothing but the headers is
+    read here, so a data set larger than RAM loads at once; training reads each micro-batch when it is drawn."""
+    samples, captions = [], []
+    for path in dataset_files(name):
+        shown = path.relative_to(dataset_dir()).as_posix()
+        try:
+            tensors, metadata = open_mapped(path)
+        except (OSError, MappedFileError) as e:
+            raise ValueError(f"dataset: '{shown}' is not a readable safetensors file ({e})") from None
+        more_samples, more_captions = unpack(tensors, metadata, shown)
+        samples += more_samples
+        captions += more_captions
+    return samples, captions
 
 
 class SaveTrainingDataset:
@@ -64,12 +96,11 @@ class LoadTrainingDataset:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"dataset": (dataset_choices(), {"tooltip": "A file in output/training_datasets."})}}
+        return {"required": {"dataset": (dataset_choices(), {
+            "tooltip": "A file in output/training_datasets, or a folder of them (name/): a data set in shards."})}}
 
     def load(self, dataset):
-        tensors, metadata = read_safetensors(inside(dataset_dir(), dataset, "dataset"), "dataset", dataset)
-        if where := first_non_finite(tensors):
-            raise ValueError(f"dataset: '{dataset}' holds NaN or infinite values (in {where}); encode the data set "
-                             "again")
-        samples, captions = unpack(tensors, metadata, dataset)
+        # NaN and infinity are found by what uses the data (Train LoRA checks every input before its first step):
+        # checking here would read the whole data set.
+        samples, captions = read_dataset(dataset)
         return ([{"samples": s.unsqueeze(0)} for s in samples], [[c] for c in captions])

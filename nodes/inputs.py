@@ -21,7 +21,10 @@ def one(values, name: str):
 def latent_samples(latents, model_dims: tuple[int, str] | None = None) -> list[torch.Tensor]:
     """Every image of one LATENT batch or of a list of LATENTs, as single latents (C, [T,] H, W), or (C, N) for 3-D
     shape models. ``model_dims`` = (spatial dimensions, model name) the model takes: each item is checked against it
-    before anything runs, so a wrong latent is blamed on ``latents``, not on a crash inside the model."""
+    before anything runs, so a wrong latent is blamed on ``latents``, not on a crash inside the model.
+
+    The latents are views of the inputs, never copies (a data set may be larger than RAM, memory-mapped from its
+    file): whoever uses one copies what it needs, and nothing writes into them."""
     items = latents if isinstance(latents, list) else [latents]
     out: list[torch.Tensor] = []
     for i, item in enumerate(items):
@@ -36,7 +39,7 @@ def latent_samples(latents, model_dims: tuple[int, str] | None = None) -> list[t
         for b in range(samples.shape[0]):
             if first_non_finite(samples[b]):
                 raise ValueError(f"latents: item {i}, image {b} holds NaN or infinite values")
-        out.extend(samples[b].detach().clone().float() for b in range(samples.shape[0]))
+        out.extend(samples[b] for b in range(samples.shape[0]))
     if not out:
         raise ValueError("latents: the data set is empty (0 images)")
     return out
@@ -68,6 +71,12 @@ def _caption_entries(cond: list) -> list[list]:
     return [piece for entry in cond if entry for piece in _split_entry(entry)]
 
 
+def caption_identity(entry: list) -> tuple:
+    """Equal for caption entries made of the very same objects (one caption shared by many images, each image's
+    entry a new list around it): they encode alike, so they are checked and encoded once."""
+    return (id(entry[0]), tuple((k, id(v)) for k, v in sorted(entry[1].items())))
+
+
 def captions_for(positive, count: int) -> list[list]:
     """One conditioning entry per image: a single one is repeated; otherwise the counts must match."""
     items = positive if isinstance(positive, list) and positive and isinstance(positive[0], list) and \
@@ -75,7 +84,12 @@ def captions_for(positive, count: int) -> list[list]:
     entries = [piece for cond in items for piece in _caption_entries(cond)]
     if not entries:
         raise ValueError("positive: no conditioning given")
-    for j, (tensor, extra) in enumerate(entries):
+    checked = set()
+    for j, entry in enumerate(entries):
+        if (key := caption_identity(entry)) in checked:  # a caption many images share is read once
+            continue
+        checked.add(key)
+        tensor, extra = entry
         where = "its embedding" if first_non_finite(tensor) else first_non_finite(extra)
         if where:
             raise ValueError(f"positive: caption {j} holds NaN or infinite values ({where})")

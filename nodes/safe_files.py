@@ -18,10 +18,11 @@ def listed(root: Path) -> list[str]:
                   if p.is_file() and not p.name.startswith(TEMP_PREFIX))
 
 
-def inside(root: Path, name: str, what: str) -> Path:
-    """``root / name``, refused unless it is a file inside ``root`` (no '..', no link out)."""
+def inside(root: Path, name: str, what: str, folders: bool = False) -> Path:
+    """``root / name``, refused unless it is a file (or, with ``folders``, a folder) inside ``root`` (no '..', no
+    link out)."""
     path = root / name
-    if not path.resolve().is_relative_to(root.resolve()) or not path.is_file():
+    if not path.resolve().is_relative_to(root.resolve()) or not (path.is_file() or folders and path.is_dir()):
         raise ValueError(f"{what}: '{name}' is not in {root}")
     return path
 

@@ -16,7 +16,7 @@ from ..lora.file_format import MODEL_PREFIX, LoraWeights, build_metadata, save_n
 from ..lora.injection import attached
 from ..training import loop
 from ..training.checkpointing import checkpointed
-from ..training.data import DataError, group_by_shape
+from ..training.data import DataError
 from ..training.distributed import Ranks
 from ..training.objectives import LOSSES
 from ..training.optimizers import OPTIMIZERS
@@ -163,8 +163,8 @@ class TrainLoRA:
 
         with torch.inference_mode(False), comfy_bridge.trainable_model(model, manual_cast) as clone:
             root = clone.model.diffusion_model
-            x0 = comfy_bridge.latents_in_model_space(clone, samples)
-            groups = group_by_shape(x0)
+            x0 = comfy_bridge.ModelSpaceLatents(clone, samples)
+            groups = x0.groups()
             if existing is not None:
                 try:
                     adapters = AdapterSet.from_modules(root, comfy_bridge.modules_of_file(clone, existing[0]))
@@ -204,18 +204,18 @@ class TrainLoRA:
                 return LoraWeights(tensors, metadata, naming=naming, record=record)
 
             saves = run_saves.IntermediateSaves(run, lora_at, previous, identity, node_id, validated)
-            conditioning = comfy_bridge.SampleConditioning(clone, captions, x0, device, seed)
+            conditioning = comfy_bridge.SampleConditioning(clone, captions, x0.shapes, device, seed)
             conditioning.check(clone, x0)
             schedule = comfy_bridge.ComfySchedule(clone.model.model_sampling, device)
             for group in groups:  # options the model cannot use are refused before any step, naming the option
-                run.timesteps.check(schedule, (1, *group.latents.shape[1:]))
+                run.timesteps.check(schedule, (1, *group.shape))
             if validation_samples is not None:
                 with inputs.as_validation_data():
-                    validation_x0 = comfy_bridge.latents_in_model_space(clone, validation_samples)
+                    validation_x0 = comfy_bridge.ModelSpaceLatents(clone, validation_samples)
                     validation_conditioning = comfy_bridge.SampleConditioning(clone, validation_captions,
-                                                                              validation_x0, device, seed)
+                                                                              validation_x0.shapes, device, seed)
                     validation_conditioning.check(clone, validation_x0)
-                validation = Validation(group_by_shape(validation_x0), schedule, seed + 1, device=device)
+                validation = Validation(validation_x0.groups(), schedule, seed + 1, device=device)
                 validation_denoise = comfy_bridge.denoiser(clone, validation_conditioning)
             # ComfyUI raises InterruptProcessingException on cancel from its ops and its progress bar: the loop
             # treats it as a cancel, so the finished steps are kept.

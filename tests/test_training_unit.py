@@ -153,9 +153,9 @@ def test_group_by_shape_groups_mixed_shapes():
     groups = data.group_by_shape(samples)
     assert [g.sample_ids for g in groups] == [[0, 2, 5, 6], [1, 4], [3]]
     for g in groups:
-        assert g.latents.shape[0] == len(g.sample_ids)
+        assert g.all().shape[0] == len(g.sample_ids) and g.shape == tuple(samples[g.sample_ids[0]].shape)
         for row, i in enumerate(g.sample_ids):
-            assert torch.equal(g.latents[row], samples[i])
+            assert torch.equal(g.all()[row], samples[i])
     assert data.epoch_micro_batches(groups, 3) == 2 + 1 + 1
 
 
@@ -182,7 +182,7 @@ def test_micro_batches_cover_each_epoch_once_never_mix_shapes(batch_size):
         for group, rows in epoch:
             assert any(group is g for g in groups)
             assert 1 <= len(rows) <= batch_size
-            batch = group.latents[rows]  # stacking works: one shape per batch
+            batch = group.rows(rows)  # stacking works: one shape per batch
             ids = [group.sample_ids[r] for r in rows]
             assert all(samples[i].shape == batch.shape[1:] for i in ids)
             seen += ids
@@ -357,7 +357,7 @@ def eval_loss(aset, net, groups, sched, denoise) -> float:
     with torch.no_grad(), attached(net, aset):
         for group in groups:
             for sigma in sched.sigmas:
-                x0 = group.latents
+                x0 = group.all()
                 noise = torch.randn(x0.shape, generator=g)
                 s = sigma.repeat(len(x0))
                 total += float(loop.sample_loss(denoise, sched, x0, group.sample_ids, noise, s, "MSE").mean())
@@ -431,7 +431,7 @@ def test_train_grad_accumulation_averages_micro_batch_gradients():
     with attached(net, aset):
         for _ in range(2):
             group, rows = next(batches)
-            x0 = group.latents[rows]
+            x0 = group.rows(rows)
             noise = torch.randn(x0.shape, generator=g)
             sigma = TimestepSampling().sigmas(sched, len(rows), g)
             loss = loop.sample_loss(denoise, sched, x0, [group.sample_ids[r] for r in rows], noise, sigma, "MSE")
@@ -564,7 +564,7 @@ def test_train_each_sample_gets_its_own_ids():
     """The denoiser receives the data-set index of every row it is given (the caption to use), and each row's x0 is
     that sample's latent."""
     net, aset, groups, _, _ = toy_problem(0)
-    latents_by_id = {i: g.latents[r] for g in groups for r, i in enumerate(g.sample_ids)}
+    latents_by_id = {i: g.all()[r] for g in groups for r, i in enumerate(g.sample_ids)}
     seen = []
 
     class Recording(EpsSchedule):

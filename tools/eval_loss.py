@@ -25,7 +25,7 @@ def denoised_and_errors(model, samples: torch.Tensor, captions: list, seed: int,
     comfy.model_management.load_models_gpu([model])
     x0 = [model.model.process_latent_in(s.unsqueeze(0).to(device))[0] for s in samples]
     captions = [captions[i if len(captions) > 1 else 0] for i in range(len(x0))]
-    conds = bridge.SampleConditioning(model, captions, x0, device)
+    conds = bridge.SampleConditioning(model, captions, [tuple(x.shape) for x in x0], device)
     schedule = bridge.ComfySchedule(model.model.model_sampling, device)
     gen = torch.Generator().manual_seed(seed)
     outs, errors = [], []

@@ -1,8 +1,12 @@
-"""The training set as same-shape groups, and the seeded order in which micro-batches are drawn from it."""
+"""The training set as same-shape groups, and the seeded order in which micro-batches are drawn from it.
+
+A group holds positions, not latents: its rows are loaded (stacked, in the model's latent space) only when a
+micro-batch is drawn, so the memory the data set takes is whatever its source holds (a memory-mapped file, the
+caller's tensors), never a second copy of it."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,22 +16,47 @@ class DataError(ValueError):
     """Training data that cannot be trained on (an empty data set)."""
 
 
+# Data-set positions -> their latents stacked into one (n, C, [T,] H, W) tensor, in the model's latent space.
+LoadFn = Callable[[list[int]], torch.Tensor]
+
+
 @dataclass
 class Group:
     """Samples that share one latent shape, so they can be stacked into one batch."""
 
-    latents: torch.Tensor  # (n, C, [T,] H, W) on the training device, already in the model's latent space
+    shape: tuple[int, ...]  # one sample's latent shape (C, [T,] H, W), in the model's latent space
     sample_ids: list[int]  # position of each row in the whole data set (its caption index)
+    load: LoadFn
+
+    def rows(self, rows: list[int]) -> torch.Tensor:
+        """The latents of these rows of the group, stacked (where the data set waits; the caller moves them)."""
+        return self.load([self.sample_ids[r] for r in rows])
+
+    def all(self) -> torch.Tensor:
+        return self.load(self.sample_ids)
 
 
-def group_by_shape(samples: list[torch.Tensor]) -> list[Group]:
-    """``samples`` are single latents without batch dimension, in data-set order."""
-    if not samples:
+def groups_of(shapes: Sequence[tuple[int, ...]], load: LoadFn) -> list[Group]:
+    """Groups of a data set whose sample i has latent shape ``shapes[i]``, each loading its rows with ``load``."""
+    if not shapes:
         raise DataError("latents: the data set is empty")
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, s in enumerate(samples):
-        by_shape.setdefault(tuple(s.shape), []).append(i)
-    return [Group(torch.stack([samples[i] for i in ids]), ids) for ids in by_shape.values()]
+    for i, shape in enumerate(shapes):
+        by_shape.setdefault(tuple(shape), []).append(i)
+    return [Group(shape, ids, load) for shape, ids in by_shape.items()]
+
+
+def group_by_shape(samples: Sequence[torch.Tensor]) -> list[Group]:
+    """Groups of single latents without batch dimension, in data-set order, held by the caller."""
+    return groups_of([tuple(s.shape) for s in samples], lambda ids: torch.stack([samples[i] for i in ids]))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A micro-batch's tensor on the training device. From the CPU to a GPU it goes through page-locked memory,
+    whose copy is asynchronous: the CPU goes on preparing the step while the batch is in flight."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 class MicroBatches:

@@ -15,7 +15,7 @@ from .schedules import LRSchedule
 from .timesteps import TimestepSampling
 from .flat_params import FlatParams
 from .inplace_safe import CopyOnWrite, protected
-from .data import Group, micro_batches
+from .data import Group, micro_batches, to_device
 from .distributed import Ranks
 from .ema import EMA
 from .train_state import TrainState
@@ -152,15 +152,16 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
                 if callbacks.cancelled():
                     raise _Cancel()
                 group, rows = next(batches)
-                # the data set waits off the training device; only this micro-batch goes there
-                x0 = group.latents[rows].to(device, non_blocking=True)
+                shape = (len(rows), *group.shape)
                 # drawn for the whole global batch on every rank, so each rank's share is what one process draws
-                noise = settings.timesteps.noise(x0.shape, generator)
-                sigma = settings.timesteps.sigmas(schedule, len(rows), generator, x0.shape)
+                noise = settings.timesteps.noise(shape, generator)
+                sigma = settings.timesteps.sigmas(schedule, len(rows), generator, shape)
                 mine = ranks.share(len(rows))
                 if mine.stop > mine.start:
+                    # the data set waits off the training device: only this rank's rows are loaded and go there
+                    x0 = to_device(group.rows(rows[mine]), device)
                     ids = [group.sample_ids[r] for r in rows[mine]]
-                    per_sample = sample_loss(denoise, schedule, x0[mine], ids, noise[mine], sigma[mine],
+                    per_sample = sample_loss(denoise, schedule, x0, ids, noise[mine], sigma[mine],
                                              settings.loss_function, settings.compute_dtype)
                     weights = settings.timesteps.loss_weights(schedule, sigma[mine])
                     weighted = per_sample if weights is None else per_sample * weights.to(per_sample.device)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from . import objectives
-from .data import Group
+from .data import Group, to_device
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
 POINTS = 4  # noise levels per latent: evenly spaced quantiles of the model's sigma table
@@ -23,7 +23,7 @@ class Validation:
         generator = torch.Generator().manual_seed(seed)
         self.groups = groups
         self.device = device  # the training device the latents go to per evaluation (None: where they are)
-        self.noise = [torch.randn((points, *g.latents.shape), generator=generator) for g in groups]
+        self.noise = [torch.randn((points, len(g.sample_ids), *g.shape), generator=generator) for g in groups]
 
     def loss(self, sample_loss: Callable[..., torch.Tensor], denoise: DenoiseFn) -> float:
         """The mean per-sample loss over every latent and noise level. ``sample_loss(denoise, x0, ids, noise, sigma)``
@@ -31,9 +31,9 @@ class Validation:
         total, count = 0.0, 0
         with torch.no_grad():
             for group, noise in zip(self.groups, self.noise):
+                latents = group.all() if self.device is None else to_device(group.all(), self.device)
                 for point, sigma in enumerate(self.sigmas):
                     n = len(group.sample_ids)
-                    latents = group.latents if self.device is None else group.latents.to(self.device)
                     losses = sample_loss(denoise, latents, group.sample_ids, noise[point], sigma.repeat(n))
                     total += float(losses.sum())
                     count += n

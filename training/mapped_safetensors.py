@@ -1,0 +1,73 @@
+"""A safetensors file read lazily: its tensors are views of a memory map of the file, so opening one reads only its
+header, and a tensor's bytes are read from disk when (and as far as) something reads the tensor. The pages read
+are the operating system's file cache, which it drops again under memory pressure: a file larger than RAM works.
+
+The format is the published safetensors layout: an 8-byte little-endian header length, a JSON header naming each
+tensor's dtype, shape and byte range, then the bytes. Only that is read: nothing is ever unpickled."""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    **{name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                                                    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"))
+       if hasattr(torch, attr)},
+}
+MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library itself applies
+
+
+class MappedFileError(ValueError):
+    """The file is not a readable safetensors file (the message says what is wrong)."""
+
+
+def open_mapped(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; the tensors are read-only-by-convention views of the file (writing
+    into one changes this process's copy of that page, never the file)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        head = f.read(8)
+        if len(head) < 8:
+            raise MappedFileError("shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(MAX_HEADER, size - 8):
+            raise MappedFileError(f"header length {length} does not fit the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise MappedFileError(f"header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise MappedFileError("header is not a JSON object")
+        # A private (copy-on-write) mapping: torch gets a writable buffer, and the file can never be changed.
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + length else None
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MappedFileError("__metadata__ is not a map of strings")
+    start = 8 + length
+    tensors = {name: _view(mapping, start, size, name, info) for name, info in header.items()}
+    return tensors, metadata
+
+
+def _view(mapping: mmap.mmap | None, start: int, size: int, name: str, info) -> torch.Tensor:
+    try:
+        dtype = DTYPES[info["dtype"]]
+        shape = [int(d) for d in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise MappedFileError(f"tensor '{name}': malformed header entry {info!r}") from None
+    count = math.prod(shape)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != count * itemsize or start + end > size:
+        raise MappedFileError(f"tensor '{name}': shape {shape} of {info['dtype']} does not match its bytes "
+                              f"[{begin}, {end}) in a file of {size} bytes")
+    if count == 0 or mapping is None:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mapping, dtype=dtype, count=count, offset=start + begin).reshape(shape)
