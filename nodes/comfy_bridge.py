@@ -21,7 +21,8 @@ from ..lora.adapter_set import LoraFileError, split_keys
 from ..lora.file_format import MODEL_PREFIX
 from ..lora.key_formats import ModelNaming
 from ..training.data import Group, groups_of, to_device
-from .inputs import caption_identity
+from ..training.mapped_safetensors import owned, release
+from .inputs import caption_identity, release_caption
 
 log = logging.getLogger("lora_trainer")
 
@@ -158,7 +159,9 @@ class ModelSpaceLatents:
     def load(self, ids: list[int]) -> torch.Tensor:
         """These samples in the model's latent space, stacked on ``data_device()`` (fp32, a new tensor)."""
         process = self.patcher.model.process_latent_in
-        return torch.stack([process(self.samples[i].unsqueeze(0).to(data_device(), torch.float32))[0] for i in ids])
+        batch = torch.stack([process(self.samples[i].unsqueeze(0).to(data_device(), torch.float32))[0] for i in ids])
+        release(*(self.samples[i] for i in ids))
+        return batch
 
     def groups(self) -> list[Group]:
         return groups_of(self.shapes, self.load)
@@ -207,7 +210,10 @@ class SampleConditioning:
     def batch(self, ids: list[int], encoded: list[dict] | None = None) -> dict:
         """The samples' conditioning concatenated (where it waits) and moved to the training device in one go."""
         encoded = encoded if encoded is not None else [self.encode(i) for i in ids]
-        return {k: _on(v, self.device) for k, v in comfy.samplers.cond_cat(encoded).items()}
+        batch = {k: _on(v, self.device) for k, v in comfy.samplers.cond_cat(encoded).items()}
+        for i in ids:
+            release_caption(self.captions[i])
+        return batch
 
     def concat_groups(self, encoded: list[dict]) -> list[list[int]]:
         """Positions in a micro-batch's ``encoded`` conditionings split into runs ComfyUI can batch
@@ -249,7 +255,7 @@ def _on(value, device: torch.device):
     """A concatenated conditioning value on ``device``: tensors, and the tensors in lists (e.g. reference latents);
     constants as they are."""
     if torch.is_tensor(value):
-        return to_device(value, device)
+        return owned(to_device(value, device))  # a copy, never a view of a data-set file the batch then releases
     if isinstance(value, (list, tuple)):
         return type(value)(_on(v, device) for v in value)
     return value

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from ..lora.finite import first_non_finite
+from ..training.mapped_safetensors import release
 
 
 def one(values, name: str):
@@ -24,7 +25,8 @@ def latent_samples(latents, model_dims: tuple[int, str] | None = None) -> list[t
     before anything runs, so a wrong latent is blamed on ``latents``, not on a crash inside the model.
 
     The latents are views of the inputs, never copies (a data set may be larger than RAM, memory-mapped from its
-    file): whoever uses one copies what it needs, and nothing writes into them."""
+    file): whoever uses one copies what it needs, and nothing writes into them. What the checks read of a
+    memory-mapped data set is released again, so they leave resident memory as it was."""
     items = latents if isinstance(latents, list) else [latents]
     out: list[torch.Tensor] = []
     for i, item in enumerate(items):
@@ -39,6 +41,7 @@ def latent_samples(latents, model_dims: tuple[int, str] | None = None) -> list[t
         for b in range(samples.shape[0]):
             if first_non_finite(samples[b]):
                 raise ValueError(f"latents: item {i}, image {b} holds NaN or infinite values")
+            release(samples[b])
         out.extend(samples[b] for b in range(samples.shape[0]))
     if not out:
         raise ValueError("latents: the data set is empty (0 images)")
@@ -77,6 +80,11 @@ def caption_identity(entry: list) -> tuple:
     return (id(entry[0]), tuple((k, id(v)) for k, v in sorted(entry[1].items())))
 
 
+def release_caption(entry: list) -> None:
+    """The caption's tensors, read, need not stay resident (see mapped_safetensors.release)."""
+    release(entry[0], *(v for v in entry[1].values() if torch.is_tensor(v)))
+
+
 def captions_for(positive, count: int) -> list[list]:
     """One conditioning entry per image: a single one is repeated; otherwise the counts must match."""
     items = positive if isinstance(positive, list) and positive and isinstance(positive[0], list) and \
@@ -93,6 +101,7 @@ def captions_for(positive, count: int) -> list[list]:
         where = "its embedding" if first_non_finite(tensor) else first_non_finite(extra)
         if where:
             raise ValueError(f"positive: caption {j} holds NaN or infinite values ({where})")
+        release_caption(entry)
     if len(entries) == 1:
         return entries * count
     if len(entries) != count:

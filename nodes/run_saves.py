@@ -12,6 +12,7 @@ import torch
 from ..lora.file_format import LoraWeights, save_new
 from ..training import train_state
 from ..training.train_state import StateError, TrainState
+from ..training.mapped_safetensors import release
 from . import events, lora_files, process_group
 from .companions import confined
 from .safe_files import inside, read_safetensors
@@ -26,6 +27,7 @@ def data_fingerprint(samples: list[torch.Tensor], captions: int) -> str:
     for sample in samples:
         digest.update(str(tuple(sample.shape)).encode())
         digest.update(sample.detach().float().contiguous().cpu().numpy().tobytes())
+        release(sample)
     return digest.hexdigest()[:16]
 
 

@@ -133,3 +133,28 @@ def test_a_caption_naming_one_that_does_not_come_before_it_is_refused(same_as):
     manifest["captions"][1] = {"same_as": same_as}
     with pytest.raises(ValueError, match="dataset: 'x' is not a training data set file of this pack"):
         dataset_file.unpack(tensors, {"manifest": json.dumps(manifest)}, "x")
+
+
+def rss_file_mb() -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_release_gives_back_the_pages_a_read_brought_in_and_owned_copies_only_mapped_tensors(tmp_path):
+    from training.mapped_safetensors import owned, release
+
+    values = torch.randn(2**23, generator=torch.Generator().manual_seed(3))  # 32 MB
+    path = tmp_path / "big.safetensors"
+    safetensors.torch.save_file({"a": values, "b": values[:10].clone()}, str(path))
+    mapped, _ = open_mapped(path)
+    before = rss_file_mb()
+    assert torch.equal(mapped["a"], values)
+    assert rss_file_mb() - before > 24, "reading the tensor brought its pages in"
+    release(mapped["a"][5:7])  # any view releases its tensor's storage
+    assert rss_file_mb() - before < 4
+    assert torch.equal(mapped["a"], values) and torch.equal(mapped["b"], values[:10]), "read again from the file"
+    copy = owned(mapped["b"])
+    assert copy.untyped_storage().data_ptr() != mapped["b"].untyped_storage().data_ptr()
+    assert torch.equal(copy, values[:10])
+    assert owned(values) is values
+    release(values)  # not mapped: nothing happens

@@ -1,15 +1,19 @@
 """A safetensors file read lazily: its tensors are views of a memory map of the file, so opening one reads only its
 header, and a tensor's bytes are read from disk when (and as far as) something reads the tensor. The pages read
 are the operating system's file cache, which it drops again under memory pressure: a file larger than RAM works.
+Whoever has read what it needs of a tensor can ``release`` it, so that the process's resident memory (RSS) stays one
+working set, not every page the run has read so far.
 
 The format is the published safetensors layout: an 8-byte little-endian header length, a JSON header naming each
 tensor's dtype, shape and byte range, then the bytes. Only that is read: nothing is ever unpickled."""
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
 import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -22,6 +26,10 @@ DTYPES = {
        if hasattr(torch, attr)},
 }
 MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library itself applies
+
+
+# (address, length, the map) of every open map, for ``release``; a map closes when its last tensor is gone.
+_MAPS: list[tuple[int, int, weakref.ref]] = []
 
 
 class MappedFileError(ValueError):
@@ -48,6 +56,9 @@ def open_mapped(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             raise MappedFileError("header is not a JSON object")
         # A private (copy-on-write) mapping: torch gets a writable buffer, and the file can never be changed.
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + length else None
+    if mapping is not None:
+        _MAPS[:] = [m for m in _MAPS if m[2]() is not None]
+        _MAPS.append((ctypes.addressof(ctypes.c_char.from_buffer(mapping)), len(mapping), weakref.ref(mapping)))
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise MappedFileError("__metadata__ is not a map of strings")
@@ -71,3 +82,42 @@ def _view(mapping: mmap.mmap | None, start: int, size: int, name: str, info) -> 
     if count == 0 or mapping is None:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(mapping, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+
+
+def owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied if it is a view of a map made here: what outlives a ``release`` of its source."""
+    return tensor.clone() if _map_of(tensor) is not None else tensor
+
+
+def release(*tensors: torch.Tensor) -> None:
+    """Gives back this process's resident pages of each tensor's storage (one tensor of the file, whatever view of
+    it the tensor is) if it lies in a map made here; for any other tensor nothing happens. The bytes stay in the
+    file and the OS cache, and a later read brings them back. These tensors are inputs nobody writes into: a write
+    into a released page would be undone."""
+    for tensor in tensors:
+        _release(tensor)
+
+
+def _map_of(tensor: torch.Tensor) -> tuple[mmap.mmap, int, int] | None:
+    """(the map, start, end of ``tensor``'s storage in it) when the storage lies in a map made here."""
+    if not tensor.is_cpu or tensor.numel() == 0 or not _MAPS:
+        return None
+    storage = tensor.untyped_storage()
+    first = storage.data_ptr()
+    last = first + storage.nbytes()
+    for address, length, ref in _MAPS:
+        mapping = ref()
+        if mapping is not None and address <= first and last <= address + length:
+            return mapping, first - address, last - address
+    return None
+
+
+def _release(tensor: torch.Tensor) -> None:
+    advise = getattr(mmap, "MADV_DONTNEED", None)
+    found = _map_of(tensor) if advise is not None else None
+    if found is not None:
+        mapping, first, last = found
+        start = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: neighbouring tensors keep theirs
+        end = last // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            mapping.madvise(advise, start, end - start)
