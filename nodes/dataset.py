@@ -87,7 +87,9 @@ class SaveTrainingDataset:
 
 
 class LoadTrainingDataset:
-    DESCRIPTION = "Loads a training data set saved by Save Training Data Set: one LATENT and one CONDITIONING per image."
+    DESCRIPTION = ("Loads a training data set saved by Save Training Data Set (a file, or a folder of them as one data "
+                   "set): one LATENT and one CONDITIONING per image. The files are memory-mapped: training reads each "
+                   "micro-batch when it draws it.")
     CATEGORY = "LoRA Trainer"
     FUNCTION = "load"
     RETURN_TYPES = ("LATENT", "CONDITIONING")

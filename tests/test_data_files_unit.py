@@ -158,3 +158,20 @@ def test_release_gives_back_the_pages_a_read_brought_in_and_owned_copies_only_ma
     assert torch.equal(copy, values[:10])
     assert owned(values) is values
     release(values)  # not mapped: nothing happens
+
+
+def test_a_read_only_map_reads_and_releases_alike(tmp_path, monkeypatch):
+    """Where the kernel refuses a private writable map of the file (strict overcommit), the map is read-only."""
+    import mmap
+
+    from training import mapped_safetensors
+
+    monkeypatch.setattr(mapped_safetensors, "_map", lambda f: mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    values = torch.randn(2**22, generator=torch.Generator().manual_seed(4))
+    path = tmp_path / "ro.safetensors"
+    safetensors.torch.save_file({"a": values}, str(path))
+    mapped, _ = open_mapped(path)
+    before = rss_file_mb()
+    assert torch.equal(mapped["a"], values)
+    mapped_safetensors.release(mapped["a"])
+    assert rss_file_mb() - before < 4 and torch.equal(mapped["a"], values)

@@ -8,11 +8,13 @@ The format is the published safetensors layout: an 8-byte little-endian header l
 tensor's dtype, shape and byte range, then the bytes. Only that is read: nothing is ever unpickled."""
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import mmap
+import platform
 import struct
+import sys
+import warnings
 import weakref
 from pathlib import Path
 
@@ -54,17 +56,43 @@ def open_mapped(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             raise MappedFileError(f"header is not JSON ({e})") from None
         if not isinstance(header, dict):
             raise MappedFileError("header is not a JSON object")
-        # A private (copy-on-write) mapping: torch gets a writable buffer, and the file can never be changed.
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + length else None
+        mapping = _map(f) if size > 8 + length else None
     if mapping is not None:
         _MAPS[:] = [m for m in _MAPS if m[2]() is not None]
-        _MAPS.append((ctypes.addressof(ctypes.c_char.from_buffer(mapping)), len(mapping), weakref.ref(mapping)))
+        _MAPS.append((_address(mapping), len(mapping), weakref.ref(mapping)))
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise MappedFileError("__metadata__ is not a map of strings")
     start = 8 + length
     tensors = {name: _view(mapping, start, size, name, info) for name, info in header.items()}
     return tensors, metadata
+
+
+def _map(f) -> mmap.mmap:
+    """The whole file, mapped copy-on-write: torch gets a writable buffer, and the file can never be changed. Linux
+    counts a private writable map against its overcommit limit (a map larger than RAM is refused) unless it is made
+    MAP_NORESERVE: nothing is ever written, so nothing needs reserving. Where even that is refused (strict
+    overcommit), the map is read-only (a write into a tensor would then crash instead of being private)."""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        try:
+            return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | _NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            pass
+    try:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+# MAP_NORESERVE: Python names it from 3.13 on; its value on the Linux ABIs where it is 0x4000.
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") and
+                     platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64", "riscv64") else 0)
+
+
+def _address(mapping: mmap.mmap) -> int:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
 
 
 def _view(mapping: mmap.mmap | None, start: int, size: int, name: str, info) -> torch.Tensor:
@@ -81,7 +109,9 @@ def _view(mapping: mmap.mmap | None, start: int, size: int, name: str, info) -> 
                               f"[{begin}, {end}) in a file of {size} bytes")
     if count == 0 or mapping is None:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(mapping, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+    with warnings.catch_warnings():  # a read-only map (see _map) is still only ever read
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(mapping, dtype=dtype, count=count, offset=start + begin).reshape(shape)
 
 
 def owned(tensor: torch.Tensor) -> torch.Tensor:
