@@ -147,7 +147,8 @@ def _release(tensor: torch.Tensor) -> None:
     found = _map_of(tensor) if advise is not None else None
     if found is not None:
         mapping, first, last = found
-        start = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: neighbouring tensors keep theirs
-        end = last // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > start:
-            mapping.madvise(advise, start, end - start)
+        # Every page the tensor touches, also those it shares with a neighbour: pages of the map are clean copies of
+        # the file, so a neighbour still in use just reads its part again.
+        start = first // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(-(-last // mmap.PAGESIZE) * mmap.PAGESIZE, len(mapping))
+        mapping.madvise(advise, start, end - start)
