@@ -180,7 +180,7 @@ class SampleConditioning:
         self.patcher, self.captions, self.shapes, self.device, self.seed = patcher, captions, shapes, device, seed
         self.unchecked: int | None = None  # the sample whose layout the first training forward checks (see check)
         self.layouts: dict[tuple, int] = {}  # (latent shape, conditioning layout) -> its first sample
-        layout_of: dict[tuple[int, tuple[int, ...]], tuple] = {}
+        layout_of: dict[tuple, tuple] = {}  # (caption identity, latent shape) -> its layout
         for i, (caption, shape) in enumerate(zip(captions, shapes)):
             shared = (caption_identity(caption), shape)  # samples sharing one caption and latent shape encode alike
             if shared not in layout_of:

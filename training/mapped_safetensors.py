@@ -28,6 +28,7 @@ DTYPES = {
        if hasattr(torch, attr)},
 }
 MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library itself applies
+FAULT_AROUND = max(mmap.PAGESIZE, 64 * 1024)  # Linux's default fault_around_bytes (see _release)
 
 
 # (address, length, the map) of every open map, for ``release``; a map closes when its last tensor is gone.
@@ -147,8 +148,9 @@ def _release(tensor: torch.Tensor) -> None:
     found = _map_of(tensor) if advise is not None else None
     if found is not None:
         mapping, first, last = found
-        # Every page the tensor touches, also those it shares with a neighbour: pages of the map are clean copies of
-        # the file, so a neighbour still in use just reads its part again.
-        start = first // mmap.PAGESIZE * mmap.PAGESIZE
-        end = min(-(-last // mmap.PAGESIZE) * mmap.PAGESIZE, len(mapping))
+        # Every page a read of the tensor can have mapped: Linux maps the cached pages around a faulting one too
+        # (its "fault-around", 64 KiB-aligned windows by default), so neighbours' pages are in our RSS as well.
+        # Pages of the map are clean copies of the file: a neighbour still in use just reads its part again.
+        start = first // FAULT_AROUND * FAULT_AROUND
+        end = min(-(-last // FAULT_AROUND) * FAULT_AROUND, len(mapping))
         mapping.madvise(advise, start, end - start)
