@@ -11,7 +11,8 @@ Each figure comes from its own process (tools/data_scale.py), so every measureme
 Our node reads the data set as Load Training Data Set gives it (a memory-mapped file of the pack's format, in
 .cache/data-scale/; 10,000 items are 80 GB of address space, but their padding is stored sparse, so little disk);
 the built-in gets the same LATENT and CONDITIONING lists. "extra" is the kernel's exact peak RSS (VmHWM, which
-counts mapped file pages too) during the call over the RSS before it, and "extra anon" its private memory (RssAnon).
+counts mapped file pages too) during the call over the RSS before it, and "extra anon" its private memory (RssAnon);
+on a GPU a last column gives the peak VRAM torch allocated during the call (it must not grow with N).
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def row(r: dict) -> str:
         return f"| {r['n']:>6} | {r['node']:<8} | {r.get('error', '')} |"
     if "skipped" in r:
         return f"| {r['n']:>6} | {r['node']:<8} | not run: {r['skipped']} |"
+    vram = f" {r['peak_vram_mb']:>9.0f} |" if "peak_vram_mb" in r else ""
     return (f"| {r['n']:>6} | {r['node']:<8} | {r['extra_hwm_mb']:>9.0f} | {r['extra_anon_mb']:>10.0f} | "
-            f"{r['setup_s']:>8.2f} | {r['s_per_step']:>7.3f} |")
+            f"{r['setup_s']:>8.2f} | {r['s_per_step']:>7.3f} |{vram}")
 
 
 def main() -> int:

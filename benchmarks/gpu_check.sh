@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check for a lent GPU machine, in under 8 minutes:
+# The GPU check for a lent GPU machine, in under 10 minutes:
 #   1. the CUDA subset of the tests (`pytest -m cuda`; skipped when no test carries the marker),
 #   2. benchmarks/bench_gpu.py: an SDXL-size UNet (1024 px, bf16) trained by our node and by ComfyUI's built-in node
 #      (steps/s, peak VRAM, achieved TFLOP/s), then a Flux dev-size model (fp8 base, 512 and 1024 px) trained by
-#      ours, the built-in and (where it has the input) the built-in with `offloading` on (issue 9).
+#      ours, the built-in and (where it has the input) the built-in with `offloading` on (issue 9),
+#   3. benchmarks/bench_data_scaling.py for N = 10, 100, 1000: peak VRAM against the data set's size (issue 14).
 # Results (text and JSON) go to $OUT when it is set, else to a fresh temporary folder (printed).
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine
@@ -116,6 +117,11 @@ bench() {  # name, outer timeout, bench_gpu.py arguments...
 }
 echo "gpu_check: SDXL 1024 px, checkpointing on: ours, built-in, bare limit; ~40-60 s a run, at most 200 s"
 bench sdxl 220 --model sdxl --checkpointing on --steps 10 --timeout 120 --budget 200
+echo "gpu_check: data scaling (issue 14): peak VRAM, extra RSS and s/step of our node for N = 10, 100, 1000 items with" \
+     "512 x 4096 captions; ~60-90 s, at most 150 s"
+timeout 150 "$py" benchmarks/bench_data_scaling.py --ns 10,100,1000 --builtin never --steps 4 \
+  --json "$out/bench_data_scaling.json" 2>&1 | tee "$out/bench_data_scaling.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu_check: data scaling FAILED"; status=1; }
 echo "gpu_check: Flux dev fp8 512 and 1024 px: ours, built-in (and built-in with offloading where it has the input);" \
      "the 12 GB weights file first (~1 min, cached in .cache/bench_models), then ~30-60 s a run, at most 250 s"
 bench flux 270 --model flux --steps 4 --timeout 120 --budget 250

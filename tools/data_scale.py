@@ -14,7 +14,8 @@ so that each starts from a clean heap. Prints one JSON line.
 Figures: extra_anon_mb is the peak of the process's private memory (RssAnon, sampled every 2 ms) during the training
 call over what it was before; extra_hwm_mb is the same from the kernel's exact peak (VmHWM, reset before the call),
 which also counts file pages a memory-mapped data set brings in (the OS drops those under pressure); setup_s is the
-call's time before its first step; s_per_step is the mean of the steps after the first.
+call's time before its first step; s_per_step is the mean of the steps after the first; on a GPU, peak_vram_mb is
+torch's peak of allocated device memory during the call.
 """
 from __future__ import annotations
 
@@ -171,6 +172,9 @@ def measure(node: str, model, latents: list, positive: list, steps: int) -> dict
                 return super().update(value)
 
         nt.ProgressBar = TimedBar
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with PeakMemory() as peak:
         with torch.inference_mode():
@@ -189,7 +193,8 @@ def measure(node: str, model, latents: list, positive: list, steps: int) -> dict
     first_step = step_times[0] - per_step if step_times else float("nan")  # the first step's own start
     return {"extra_anon_mb": round(peak.extra_anon_mb, 1), "extra_hwm_mb": round(peak.extra_hwm_mb, 1),
             "setup_s": round(first_step - start, 3), "s_per_step": round(per_step, 4), "total_s": round(total, 2),
-            "steps_seen": len(step_times)}
+            "steps_seen": len(step_times),
+            **({"peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if cuda else {})}
 
 
 def main() -> None:
