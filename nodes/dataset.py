@@ -26,7 +26,7 @@ def dataset_choices() -> list[str]:
     """Every data set file, and every folder holding some ("name/": all of its files, a data set in shards)."""
     files = listed(dataset_dir())
     folders = {"/".join(parts[:n]) + "/" for parts in (f.split("/") for f in files) for n in range(1, len(parts))}
-    return sorted(folders) + files
+    return sorted(folders | set(files))  # a folder just before its files
 
 
 def dataset_files(name: str) -> list[Path]:
