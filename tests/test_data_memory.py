@@ -9,6 +9,7 @@ import sys
 from importlib import import_module
 
 import safetensors
+import safetensors.torch
 import torch
 
 import harness
@@ -106,3 +107,17 @@ def test_a_shard_folder_is_offered_and_trains(server):
     lora = server.base_dir / "models" / "loras" / entry["outputs"]["save"]["text"][0]
     with safetensors.safe_open(str(lora), framework="pt") as f:
         assert f.metadata()["ss_num_train_images"] == "4", "both shards' images were trained"
+
+
+def test_training_from_the_memory_mapped_file_gives_the_lora_of_the_data_itself(server):
+    """Read through the map, given back after every read and read again next epoch: the same bits as in memory."""
+    data = wfs.test_data("sd3", count=4, seed=5)
+    saved_name = server.run({**data, "save": {"class_type": "LoraTrainer_SaveTrainingDataset", "inputs": {
+        "latents": ["data", 0], "positive": ["data", 1], "name": "mapped_vs_memory/set"}}})["outputs"]["save"]["text"][0]
+    loras = []
+    for source, prefix in ((data, "mapped_vs_memory/direct"), (wfs.dataset_file(saved_name), "mapped_vs_memory/file")):
+        entry = server.run(wfs.train(wfs.sd3_model(), source, save_prefix=prefix, steps=6, batch_size=2, **FAST))
+        loras.append(safetensors.torch.load_file(
+            str(server.base_dir / "models" / "loras" / entry["outputs"]["save"]["text"][0])))
+    assert loras[0].keys() == loras[1].keys()
+    assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])
