@@ -52,11 +52,17 @@ def bridge():
 
 
 # --------------------------------------------------------------------------------------------------- memory
-def rss_mb() -> float:
+def status_mb(key: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile, …) in MiB; NaN where
+    there is none."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb() -> float:
+    return status_mb("VmRSS")
 
 
 def maxrss_mb() -> float:

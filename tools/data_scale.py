@@ -30,19 +30,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from bench_common import reset_peak_rss, status_mb  # noqa: E402
+
 TOKENS, WIDTH, POOLED = 512, 4096, 64
 WRITTEN_TOKENS = 16  # tokens of each caption with values; the rest is padding (zeros)
 CHANNELS = 16
 
 
 # ----------------------------------------------------------------------------------------------------- memory
-def status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
 class PeakMemory:
     """Peak RssAnon (sampled) and VmHWM (exact, reset on entry) over a block, in MB above their values on entry."""
 
@@ -50,7 +45,8 @@ class PeakMemory:
         self.interval_s = interval_s
 
     def __enter__(self) -> "PeakMemory":
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        if not reset_peak_rss():  # VmHWM := current RSS
+            raise OSError("cannot reset the peak RSS (/proc/self/clear_refs)")
         self.anon0, self.rss0 = status_mb("RssAnon"), status_mb("VmRSS")
         self.peak_anon, self._stop = self.anon0, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)

@@ -91,9 +91,13 @@ _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("l
 
 
 def _address(mapping: mmap.mmap) -> int:
-    with warnings.catch_warnings():
+    return _frombuffer(mapping, torch.uint8, 1, 0).data_ptr()
+
+
+def _frombuffer(mapping: mmap.mmap, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
+    with warnings.catch_warnings():  # a read-only map (see _map) is still only ever read
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
+        return torch.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
 
 
 def _view(mapping: mmap.mmap | None, start: int, size: int, name: str, info) -> torch.Tensor:
@@ -110,9 +114,7 @@ def _view(mapping: mmap.mmap | None, start: int, size: int, name: str, info) -> 
                               f"[{begin}, {end}) in a file of {size} bytes")
     if count == 0 or mapping is None:
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():  # a read-only map (see _map) is still only ever read
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(mapping, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+    return _frombuffer(mapping, dtype, count, start + begin).reshape(shape)
 
 
 def owned(tensor: torch.Tensor) -> torch.Tensor:
