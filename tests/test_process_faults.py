@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from safetensors.torch import load_file
 
 import harness
 import workflows as wfs
+
+pytestmark = pytest.mark.slow("kills and restarts its own ComfyUI servers; the fast tier has a cancel (test_train_behaviour) and a kill and resume (test_long_runs)")
 
 TEST_NODE_PACK = Path(__file__).resolve().parent / "node_packs" / "lora_trainer_test_nodes"
 FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
@@ -74,17 +77,24 @@ def combo_inputs(spec: dict) -> Iterator[tuple[str, list]]:
 
 def act_when(server: harness.ComfyServer, workflow: dict, when: Callable[[Messages], bool], act: Callable[[], None],
              timeout: float = 120) -> tuple[str, Messages, Callable[[], None]]:
-    """Queues ``workflow`` and calls ``act`` as soon as ``when`` holds for the websocket messages so far (polled
-    every few ms). Returns the prompt id, the (still growing) messages and the listener's stopper."""
+    """Queues ``workflow`` and calls ``act`` as soon as ``when`` holds for the websocket messages so far (checked on
+    every message). Returns the prompt id, the (still growing) messages and the listener's stopper."""
     messages: Messages = []
-    stop = server.listen(messages.append)
+    arrived = threading.Condition()
+
+    def on_message(message: dict) -> None:
+        with arrived:
+            messages.append(message)
+            arrived.notify_all()
+
+    stop = server.listen(on_message)
     try:
         prompt_id = server.queue(workflow)
         deadline = time.monotonic() + timeout
-        while not when(messages):
-            assert time.monotonic() < deadline, f"the fault point never came: {[m['type'] for m in messages]}"
-            assert server.process.poll() is None, server.log_text()[-4000:]
-            time.sleep(0.005)
+        with arrived:
+            while not arrived.wait_for(lambda: when(messages), timeout=1.0):
+                assert time.monotonic() < deadline, f"the fault point never came: {[m['type'] for m in messages]}"
+                assert server.process.poll() is None, server.log_text()[-4000:]
         act()
     except BaseException:
         stop()
@@ -105,9 +115,8 @@ def run_interrupted(server: harness.ComfyServer, workflow: dict, when: Callable[
     try:
         with pytest.raises(harness.PromptError) as err:
             server.wait(prompt_id, timeout=60)
-        time.sleep(0.3)  # the last websocket messages
     finally:
-        stop()
+        stop(prompt_id)  # after the prompt's last websocket message
     kinds = [m[0] for m in err.value.payload["status"]["messages"]]
     assert "execution_interrupted" in kinds and "execution_error" not in kinds, err.value
     return messages

@@ -1,6 +1,5 @@
 """Progress, cancel, the untouched input model, checkpointing and dtype behaviour, through the real server."""
 import threading
-import time
 
 import pytest
 import torch
@@ -8,6 +7,8 @@ from safetensors.torch import load_file
 
 import harness
 import workflows as wfs
+
+pytestmark = pytest.mark.fast
 
 FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
 
@@ -26,12 +27,13 @@ def model_digest(server, nonce: int) -> str:
 def test_progress_reaches_100_percent_per_micro_step(server):
     messages = []
     stop = server.listen(messages.append)
+    prompt_id = None
     try:
-        server.run(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), steps=2, grad_accumulation_steps=3,
-                             seed=11, **FAST))
-        time.sleep(0.5)
+        prompt_id = server.queue(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), steps=2, grad_accumulation_steps=3,
+                                           seed=11, **FAST))
+        server.wait(prompt_id)
     finally:
-        stop()
+        stop(prompt_id)
     progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == "train"]
     values = [p["value"] for p in progress]
     # One update per micro-step (newer ComfyUI throttles what it sends, so only the end is certain there).
@@ -68,9 +70,8 @@ def test_input_model_untouched_after_success_error_and_cancel(server):
         server.interrupt()
         with pytest.raises(harness.PromptError) as err:
             server.wait(prompt_id, timeout=60)
-        time.sleep(0.5)
     finally:
-        stop()
+        stop(prompt_id)
     assert "execution_interrupted" in str(err.value)
     cancelled = [s for s in seen if isinstance(s, tuple)]
     assert cancelled, seen

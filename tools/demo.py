@@ -61,14 +61,15 @@ def main() -> int:
 
         stop = server.listen(on_message)
         start = time.monotonic()
+        prompt_id = None
         try:
-            entry = server.run(wf, timeout=600)
+            prompt_id = server.queue(wf)
+            entry = server.wait(prompt_id, timeout=600)
         except Exception as e:
             print(f"[demo] FAILED: {e}\n--- server log ---\n{server.log_text()[-5000:]}", file=sys.stderr)
             return 1
         finally:
-            time.sleep(0.3)
-            stop()
+            stop(prompt_id)  # after the prompt's last progress message
     lora_name = entry["outputs"]["save"]["text"][0]
     lora_path = base / "models" / "loras" / lora_name
     graph = entry["outputs"]["graph"]["images"][0]

@@ -95,6 +95,7 @@ class ComfyServer:
         self.process: subprocess.Popen | None = None
         self.log_path = self.base_dir / "comfyui.log"
         self._barrier = 0  # the value of free()'s barrier prompt (see free)
+        self._messages: _Messages | None = None  # this client's websocket while the server runs
 
     # -- life cycle -------------------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> "ComfyServer":
@@ -124,13 +125,18 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
             try:
                 self.get("/object_info/KSampler")
-                return self
             except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.3)
+                time.sleep(0.3)  # nothing to wait on before the server listens: poll its port
+                continue
+            self._messages = _Messages(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}")
+            return self
         self.stop()
         raise TimeoutError(f"ComfyUI did not answer within {timeout}s:\n{self.log_text()[-4000:]}")
 
     def stop(self) -> None:
+        if self._messages is not None:
+            self._messages.close()
+            self._messages = None
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -210,7 +216,10 @@ class ComfyServer:
         return reply["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
-        """Waits for a prompt to finish; returns its /history entry or raises PromptError with the execution error."""
+        """Waits for a prompt to finish; returns its /history entry or raises PromptError with the execution error.
+
+        Woken by the prompt's end message on this client's websocket (ComfyUI sends it after writing the history);
+        /history is also read once a second, for prompts another client queued."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             entry = self.get(f"/history/{prompt_id}").get(prompt_id)
@@ -222,7 +231,10 @@ class ComfyServer:
                 return entry
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"ComfyUI died:\n{self.log_text()[-4000:]}")
-            time.sleep(0.1)
+            if self._messages is not None and self._messages.is_open():
+                self._messages.wait_end(prompt_id, min(1.0, deadline - time.monotonic()))
+            else:
+                time.sleep(0.1)  # no websocket (the server died or closed it): poll
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s")
 
     def run(self, workflow: dict, timeout: float = 600.0) -> dict:
@@ -232,30 +244,92 @@ class ComfyServer:
         """The UI output a node of a finished prompt reported (images, text, …)."""
         return entry.get("outputs", {}).get(node, {})
 
-    def listen(self, on_message: Callable[[dict], None]) -> Callable[[], None]:
-        """Streams this client's websocket messages (progress, custom events) to ``on_message``; returns a stopper."""
+    def listen(self, on_message: Callable[[dict], None]) -> Callable[..., None]:
+        """Streams this client's websocket messages (progress, custom events) to ``on_message``; returns a stopper.
+
+        ``stop(prompt_id)`` first waits (up to 30 s) until that prompt's last message has been delivered, so nothing
+        the prompt sent is missed; ``stop()`` stops at once."""
+        if self._messages is None:
+            raise RuntimeError("the server is not running")
+        messages = self._messages
+        messages.subscribe(on_message)
+
+        def stop(prompt_id: str | None = None) -> None:
+            if prompt_id is not None:
+                messages.wait_end(prompt_id, 30.0)
+            messages.unsubscribe(on_message)
+
+        return stop
+
+
+class _Messages:
+    """This client's one websocket to ComfyUI, read by one thread and handed to every listener.
+
+    One connection per client id: ComfyUI keeps a single socket per client id, so a second connection would take
+    the first one's messages. It also records the prompts that ended (ComfyUI's ``executing`` message with no node,
+    sent after the prompt's history is written), which ``ComfyServer.wait`` waits on instead of polling."""
+
+    def __init__(self, url: str):
         import websocket  # websocket-client
 
-        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=1)
-        stop = threading.Event()
+        self._ws = websocket.create_connection(url, timeout=1)
+        self._changed = threading.Condition()
+        self._listeners: list[Callable[[dict], None]] = []
+        self._ended: set[str] = set()
+        self._open = True
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
 
-        def pump() -> None:
-            while not stop.is_set():
-                try:
-                    raw = ws.recv()
-                except websocket.WebSocketTimeoutException:
-                    continue
-                except Exception:
-                    return
-                if isinstance(raw, str):
-                    on_message(json.loads(raw))
+    def _pump(self) -> None:
+        import websocket
 
-        thread = threading.Thread(target=pump, daemon=True)
-        thread.start()
+        while self._open:
+            try:
+                raw = self._ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except Exception:
+                break
+            if not isinstance(raw, str):
+                continue  # preview images
+            if not raw:
+                break  # the server closed the connection
+            message = json.loads(raw)
+            with self._changed:
+                listeners = list(self._listeners)
+            for listener in listeners:
+                listener(message)
+            data = message.get("data") or {}
+            if message.get("type") == "executing" and data.get("node") is None and data.get("prompt_id"):
+                with self._changed:
+                    self._ended.add(data["prompt_id"])
+                    self._changed.notify_all()
+        with self._changed:
+            self._open = False
+            self._changed.notify_all()
 
-        def close() -> None:
-            stop.set()
-            thread.join(3)
-            ws.close()
+    def subscribe(self, listener: Callable[[dict], None]) -> None:
+        with self._changed:
+            self._listeners.append(listener)
 
-        return close
+    def unsubscribe(self, listener: Callable[[dict], None]) -> None:
+        with self._changed:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def is_open(self) -> bool:
+        return self._open
+
+    def wait_end(self, prompt_id: str, timeout: float) -> bool:
+        """True once ``prompt_id`` has ended (every message it sent has reached the listeners); False after
+        ``timeout`` seconds or when the connection is gone."""
+        with self._changed:
+            return self._changed.wait_for(lambda: prompt_id in self._ended or not self._open, max(timeout, 0.0)) \
+                and prompt_id in self._ended
+
+    def close(self) -> None:
+        with self._changed:
+            self._open = False
+            self._changed.notify_all()
+        self._ws.close()
+        self._thread.join(3)
