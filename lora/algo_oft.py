@@ -65,12 +65,11 @@ class OFT(Adapter):
             return (eye + q.float()) @ torch.linalg.inv(eye - q.float())
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # (y - b) R + b, written as y + (y - b)(R - I): the same map, but exactly y while R is the identity (step 0),
+        # where subtracting and re-adding the bias would round on some CPUs' kernels.
         r = self.rotation()
-        z = y.movedim(self.spec.channel_dim, -1)  # channels last, where the bias broadcasts
-        b = None if bias is None else bias.to(device=z.device, dtype=z.dtype)
-        if b is not None:
-            z = z - b
-        z = torch.einsum("...kn,knm->...km", z.unflatten(-1, r.shape[:2]), r.to(z.dtype)).flatten(-2)
-        if b is not None:
-            z = z + b
-        return z.movedim(-1, self.spec.channel_dim)
+        turn = r - torch.eye(r.shape[-1], device=r.device, dtype=r.dtype)
+        out = y.movedim(self.spec.channel_dim, -1)  # channels last, where the bias broadcasts
+        z = out if bias is None else out - bias.to(device=out.device, dtype=out.dtype)
+        delta = torch.einsum("...kn,knm->...km", z.unflatten(-1, turn.shape[:2]), turn.to(z.dtype)).flatten(-2)
+        return (out + delta).movedim(-1, self.spec.channel_dim)
