@@ -73,17 +73,18 @@ MATRIX_OPTIONS: dict[str, Any] = {
 }
 
 
-def family_matrix(unet_name: str, family: str, steps: int = 2) -> dict:
-    """A generated model through "Load Diffusion Model", trained with checkpointing on at the node's defaults and
-    with checkpointing off plus MATRIX_OPTIONS (an intermediate save and training state after step 1); each LoRA
-    applied by ComfyUI's own LoraModelLoader and its outputs compared with the base model's."""
+def family_matrix(unet_name: str, family: str, steps: int = 2, training_dtype: str = "bf16") -> dict:
+    """A generated model through "Load Diffusion Model", trained with checkpointing on at the node's defaults (but
+    ``training_dtype``) and with checkpointing off plus MATRIX_OPTIONS (an intermediate save and training state after
+    step 1); each LoRA applied by ComfyUI's own LoraModelLoader and its outputs compared with the base model's."""
     wf = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
           "data": {"class_type": "LoraTrainerTest_FamilyData", "inputs": {"family": family, "count": 2, "seed": 0}}}
     for checkpointing in (True, False):
         tag = "ckpt" if checkpointing else "plain"
         wf[f"train_{tag}"] = {"class_type": TRAIN, "inputs": {
             "model": ["model", 0], "latents": ["data", 0], "positive": ["data", 1],
-            **TRAIN_DEFAULTS, "steps": steps, "gradient_checkpointing": checkpointing}}
+            **TRAIN_DEFAULTS, "steps": steps, "gradient_checkpointing": checkpointing,
+            "training_dtype": training_dtype}}
         wf[f"lora_{tag}"] = {"class_type": "LoraModelLoader", "inputs": {
             "model": ["model", 0], "lora": [f"train_{tag}", 1], "strength_model": 1.0}}
         wf[f"cmp_{tag}"] = {"class_type": "LoraTrainerTest_CompareModels", "inputs": {
