@@ -4,6 +4,8 @@ import pytest
 
 import workflows as wfs
 
+pytestmark = pytest.mark.fast
+
 UNLOADED = "lora key not loaded"
 
 

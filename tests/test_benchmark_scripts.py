@@ -7,6 +7,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.slow("runs the benchmark scripts end to end (a reduced SDXL and fp8 Flux, a soak): ~2 min")
 
 REPO = Path(__file__).resolve().parent.parent
 

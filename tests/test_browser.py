@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow("drives the real frontend in Chromium (~25 s a test); the fast tier keeps finding, running and charting a node")
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 NODE = "LoraTrainer_TrainLoRA"
@@ -182,6 +184,7 @@ def start_and_wait_for_points(page, node_id, min_points: int) -> None:
         arg=[node_id, min_points], timeout=120000)
 
 
+@pytest.mark.fast
 def test_node_in_the_real_frontend(server, browser):
     page = open_app(browser, server, "en")
     drag_from_library(page, "Train LoRA", "Train LoRA (LoRA Trainer)")

@@ -5,6 +5,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import workflows as wfs
+import pytest
+
+pytestmark = pytest.mark.fast
 
 FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
 

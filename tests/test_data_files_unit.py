@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training import dataset_file  # noqa: E402
 from training.mapped_safetensors import MappedFileError, open_mapped  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 
 def every_dtype() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)

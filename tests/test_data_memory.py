@@ -14,6 +14,9 @@ import torch
 
 import harness
 import workflows as wfs
+import pytest
+
+pytestmark = pytest.mark.slow("memory measurements in fresh processes of their own (~1 min); shard folders and mapped training stay in the fast tier")
 
 FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
 
@@ -64,6 +67,7 @@ def seeded(count: int, seed: int) -> tuple[list, list]:
              for _ in range(count)])
 
 
+@pytest.mark.fast
 def test_a_folder_of_shards_loads_every_file_in_name_order(tmp_path, monkeypatch):
     node = dataset_node()
     monkeypatch.setattr(node, "dataset_dir", lambda: tmp_path)
@@ -79,6 +83,7 @@ def test_a_folder_of_shards_loads_every_file_in_name_order(tmp_path, monkeypatch
         assert torch.equal(cond[0][0], caption[0]) and torch.equal(cond[0][1]["pooled_output"], caption[1]["pooled_output"])
 
 
+@pytest.mark.fast
 def test_one_caption_for_every_image_is_stored_once_and_loads_shared(tmp_path, monkeypatch):
     node = dataset_node()
     monkeypatch.setattr(node, "dataset_dir", lambda: tmp_path)
@@ -91,6 +96,7 @@ def test_one_caption_for_every_image_is_stored_once_and_loads_shared(tmp_path, m
     assert len(latents) == 6 and len({id(cond[0]) for cond in positive}) == 1
 
 
+@pytest.mark.fast
 def test_a_shard_folder_is_offered_and_trains(server):
     for seed in (0, 1):
         wf = {**wfs.test_data("sd3", count=2, seed=seed), "save": {"class_type": "LoraTrainer_SaveTrainingDataset",
@@ -109,6 +115,7 @@ def test_a_shard_folder_is_offered_and_trains(server):
         assert f.metadata()["ss_num_train_images"] == "4", "both shards' images were trained"
 
 
+@pytest.mark.fast
 def test_training_from_the_memory_mapped_file_gives_the_lora_of_the_data_itself(server):
     """Read through the map, given back after every read and read again next epoch: the same bits as in memory."""
     data = wfs.test_data("sd3", count=4, seed=5)

@@ -9,6 +9,9 @@ from importlib import import_module
 import torch
 
 import harness
+import pytest
+
+pytestmark = pytest.mark.fast
 
 
 def test_one_caption_for_all_images_is_encoded_once_and_batches_are_made_when_drawn(monkeypatch):

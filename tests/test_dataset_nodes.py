@@ -21,6 +21,8 @@ import dataset_models
 import harness
 import workflows as wfs
 
+pytestmark = pytest.mark.fast
+
 # Four square images and two wide ones (two latent sizes, so two same-size groups or buckets of 4 and 2). Caption 1
 # is longer than CLIP's 77-token window: its context is 154 tokens, the others 77, as real caption files give.
 IMAGES = [(64, 64)] * 4 + [(96, 64)] * 2  # (width, height)

@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 
 import harness
 import workflows as wfs
+import pytest
+
+pytestmark = pytest.mark.slow("torchrun starts 2 ranks of the headless runner, each loading ComfyUI, per test (~20-35 s each); the fast tier has the torchrun unit test")
 
 RUN = harness.REPO / "headless" / "run.py"
 # SGD: its update is linear in the gradient, so the comparison sees the gradients' agreement (float rounding of

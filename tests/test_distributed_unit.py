@@ -14,6 +14,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.distributed import Ranks  # noqa: E402
+from tests.tiers import fast_cases  # noqa: E402
+
+pytestmark = pytest.mark.slow("each case starts torchrun with 2 ranks (~17 s); one case is fast")
 
 WORKER = Path(__file__).resolve().parent / "workers" / "distributed_toy.py"
 
@@ -28,7 +31,7 @@ def run(out: Path, procs: int, batch: int, steps: int = 6, accumulation: int = 1
     return safetensors.torch.load_file(str(out))
 
 
-@pytest.mark.parametrize("batch, accumulation", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("batch, accumulation", fast_cases([(1, 1), (2, 2)], (2, 2)))
 def test_two_ranks_of_batch_b_train_what_one_process_of_batch_2b_trains(tmp_path, batch, accumulation):
     one = run(tmp_path / "one.safetensors", 1, 2 * batch, accumulation=accumulation)
     two = run(tmp_path / "two.safetensors", 2, batch, accumulation=accumulation)
@@ -40,6 +43,7 @@ def test_two_ranks_of_batch_b_train_what_one_process_of_batch_2b_trains(tmp_path
     assert any(not torch.allclose(alone[k], one[k], rtol=1e-4, atol=1e-5) for k in one if k != "losses")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("rows, world", [(4, 2), (3, 2), (1, 2), (5, 3), (7, 1)])
 def test_every_row_of_a_global_batch_goes_to_exactly_one_rank(rows, world):
     parts = [list(range(rows))[Ranks(r, world).share(rows)] for r in range(world)]

@@ -2,6 +2,9 @@
 import json
 import urllib.request
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.fast
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,6 +24,8 @@ from lora.adapter_set import AdapterSet, LoraFileError, split_keys  # noqa: E402
 from lora.injection import attached  # noqa: E402
 from lora.layer_spec import LayerSpec  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 DORA_ALGOS = ("LoRA", "LoHa", "LoKr")
 ALPHAS = {"LoRA": 2.0, "LoHa": 5.0, "LoKr": 1.5}
 

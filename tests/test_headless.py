@@ -17,6 +17,9 @@ from safetensors.torch import load_file
 
 import harness
 import workflows as wfs
+import pytest
+
+pytestmark = pytest.mark.fast
 
 RUN = harness.REPO / "headless" / "run.py"
 FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}

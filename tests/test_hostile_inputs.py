@@ -21,6 +21,9 @@ import pytest
 import harness
 import workflows as wfs
 from tests.hostile_checks import ESCAPE_TAG, Invariants, payload_is_live, pickle_payload
+from tests.tiers import fast_cases
+
+pytestmark = pytest.mark.slow("breadth: 186 hostile cases through the server; the fast tier keeps one of each kind")
 
 FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
 SEED_MAX = 2**64 - 1
@@ -199,7 +202,7 @@ CORRUPT: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
-@pytest.mark.parametrize("corruption", CORRUPT)
+@pytest.mark.parametrize("corruption", fast_cases(list(CORRUPT), "truncated"))
 @pytest.mark.parametrize("target", READ_INPUTS)
 def test_a_corrupt_file_is_a_clear_error(server, invariants, sources, target, corruption):
     read = READ_INPUTS[target]
@@ -209,7 +212,7 @@ def test_a_corrupt_file_is_a_clear_error(server, invariants, sources, target, co
                        rf"'{name}' is not a readable safetensors file")
 
 
-@pytest.mark.parametrize("extension", [".safetensors", ".ckpt", ".pt", ".pth"])
+@pytest.mark.parametrize("extension", fast_cases([".safetensors", ".ckpt", ".pt", ".pth"], ".ckpt"))
 @pytest.mark.parametrize("target", READ_INPUTS)
 def test_a_pickle_payload_never_runs(server, invariants, target, extension):
     """A pickle that creates a file when unpickled: a listed one (.safetensors) is refused as unreadable, the others
@@ -237,6 +240,7 @@ def test_a_name_outside_the_folder_is_refused(server, target, name):
     expect_rejected(server, read.workflow(name), read.node, read.input)
 
 
+@pytest.mark.fast
 def test_a_data_set_linked_out_of_its_folder_is_not_read(server, invariants, sources):
     """A symlink in training_datasets to a file elsewhere (here a LoRA) is listed, but never read."""
     lora = next((invariants.base / "models" / "loras" / "hostile_sources").glob("sd3_*.safetensors"))
@@ -295,7 +299,7 @@ FOREIGN_LORAS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
 }
 
 
-@pytest.mark.parametrize("case", FOREIGN_LORAS)
+@pytest.mark.parametrize("case", fast_cases(list(FOREIGN_LORAS), "a LoRA of another architecture (SD1.5)"))
 def test_a_lora_that_does_not_fit_the_model_is_a_clear_error(server, invariants, sources, case):
     source, edit = FOREIGN_LORAS[case]
     read = READ_INPUTS["existing_lora"]
@@ -450,6 +454,7 @@ def test_an_absurdly_long_name_is_a_clear_error(server, field, node):
     assert not list((server.base_dir / "models" / "loras").glob(".tmp_*"))
 
 
+@pytest.mark.fast
 def test_leftovers_of_a_killed_save_are_never_listed_and_are_cleaned_up(server):
     """A save killed half-way leaves a temporary file: never offered by any loader, removed by a later save."""
     loras = server.base_dir / "models" / "loras"
@@ -503,6 +508,7 @@ def test_a_module_filter_that_matches_nothing_is_a_clear_error(server, module_fi
                        re.escape(f"'{module_filter}'"))
 
 
+@pytest.mark.fast  # validation or an error before any step: cheap
 @pytest.mark.parametrize("input_name, value", [
     ("steps", 0), ("steps", "many"), ("steps", None), ("rank", 0), ("rank", 129), ("batch_size", 0),
     ("grad_accumulation_steps", 1025), ("learning_rate", 0.0), ("learning_rate", 2.0), ("seed", -1),
@@ -517,6 +523,7 @@ def test_a_setting_out_of_its_range_is_rejected(server, input_name, value):
 
 # -- wiring --------------------------------------------------------------------------------------------------------
 
+@pytest.mark.fast  # validation or an error before any step: cheap
 @pytest.mark.parametrize("node, input_name, link", [
     (TRAIN, "latents", ["data", 1]), (TRAIN, "model", ["data", 0]), (TRAIN, "positive", ["model", 0]),
     ("save", "lora", [TRAIN, 0]), ("save", "steps", [TRAIN, 2]), ("graph", "loss", [TRAIN, 1]),
@@ -540,6 +547,7 @@ def applied(**apply_inputs) -> dict:
     return wf
 
 
+@pytest.mark.fast  # validation or an error before any step: cheap
 @pytest.mark.parametrize("input_name, value", [
     ("strength", 1000.0), ("strength", -101.0), ("strength", "strong"), ("lora", [TRAIN, 0]), ("model", ["data", 0]),
 ])
@@ -547,6 +555,7 @@ def test_apply_lora_refuses_a_bad_strength_or_link(server, input_name, value):
     expect_rejected(server, applied(**{input_name: value}), "apply", input_name)
 
 
+@pytest.mark.fast  # validation or an error before any step: cheap
 @pytest.mark.parametrize("link", [["nowhere", 0], ["data", 7]], ids=["missing node", "missing output"])
 def test_a_dangling_link_is_rejected(server, link):
     wf = training()
@@ -568,6 +577,7 @@ def test_a_value_comfyui_converts_is_used_as_converted(server, node, input_name,
 
 # -- data ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.fast  # validation or an error before any step: cheap
 @pytest.mark.parametrize("data_inputs, input_name, match", [
     ({"corrupt": "empty"}, "latents", "the data set is empty"),
     ({"captions": "none"}, "positive", "no conditioning given"),
@@ -586,6 +596,7 @@ def test_fewer_captions_than_images_is_a_clear_error(server):
     expect_input_error(server, wf, TRAIN, "positive", "3 conditionings for 4 latent images")
 
 
+@pytest.mark.fast  # validation or an error before any step: cheap
 @pytest.mark.parametrize("family, message", [
     ("sd15", r"latents: image 0 has 4 channels \(shape \(4, 8, 8\)\); this SD3 model takes latents of its own VAE "
              r"\(16 channels"),

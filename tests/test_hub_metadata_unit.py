@@ -25,6 +25,8 @@ import torch  # noqa: E402
 from lora import hub_metadata as hm  # noqa: E402
 from lora.hub_metadata import TrainingRecord  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parent.parent
 STARTED, FINISHED = 1_700_000_000.25, 1_700_003_600.5
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(range(40))

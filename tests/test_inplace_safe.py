@@ -19,6 +19,8 @@ from lora.injection import attached  # noqa: E402
 from training import checkpointing  # noqa: E402
 from training.inplace_safe import CopyOnWrite, checkpoint, protected  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 D = 8
 
 

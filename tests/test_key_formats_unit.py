@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora.adapter_set import LoraFileError  # noqa: E402
 from lora.key_formats import ModelNaming, holds_adapters, split_key  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 P = "diffusion_model."
 # A UNet-like layer with two kohya names (native and diffusers path), a fused qkv whose diffusers names are slices, a
 # plain layer, and a norm: the forms ComfyUI's model_lora_keys_unet produces.

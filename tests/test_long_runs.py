@@ -13,6 +13,9 @@ import torch
 
 import harness
 import workflows as wfs
+from tests.tiers import fast_cases
+
+pytestmark = pytest.mark.slow("each option trained through the server; the fast tier keeps the schedule, a kill and exact resume, DoRA/rsLoRA files")
 
 FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
 
@@ -31,6 +34,7 @@ def tensors_of(path) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(str(path))
 
 
+@pytest.mark.fast
 def test_the_schedule_and_clipping_are_used_and_reported(server):
     wf = wfs.with_options(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), save_prefix=None, steps=8,
                                     learning_rate=0.001, **FAST),
@@ -109,6 +113,7 @@ def test_intermediate_saves_keep_the_last_k_and_load_in_comfyui(own_server):
 KILLED_RUN_STEPS = 40  # 30 steps (60 micro-steps) after the step-10 save: far longer than the kill takes to land
 
 
+@pytest.mark.fast
 def test_a_run_killed_and_resumed_gives_the_same_lora_as_one_never_stopped(own_server):
     server = own_server()
     whole = server.run(run_workflow("runs/whole", KILLED_RUN_STEPS))
@@ -223,7 +228,7 @@ def test_ema_is_the_result(server):
     assert any(not torch.equal(plain[k], averaged[k]) for k in plain)
 
 
-@pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "LoKr"])
+@pytest.mark.parametrize("algorithm", fast_cases(["LoRA", "LoHa", "LoKr"], "LoRA"))
 def test_dora_and_rslora_files_load_in_comfyui_as_trained(server, algorithm):
     wf = wfs.with_options(wfs.train(wfs.sd3_model(), wfs.test_data("sd3"), save_prefix=f"dora/{algorithm}", steps=3,
                                     algorithm=algorithm, rank=4, **FAST), dora=True, rs_lora=True)

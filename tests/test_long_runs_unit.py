@@ -15,6 +15,8 @@ from lora.injection import attached  # noqa: E402
 from training import loop  # noqa: E402
 from training.schedules import LRSchedule  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 
 def factors(schedule: LRSchedule, total: int) -> list[float]:
     return [schedule.factor(step, total) for step in range(total)]

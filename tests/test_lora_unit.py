@@ -24,6 +24,8 @@ from lora.algorithms import ALGORITHMS, detect  # noqa: E402
 from lora.injection import attached  # noqa: E402
 from lora.layer_spec import LayerSpec  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 ALGOS = ("LoRA", "LoHa", "LoKr", "OFT")
 
 

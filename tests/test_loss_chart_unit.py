@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.fast
+
 _spec = importlib.util.spec_from_file_location(
     "loss_chart_under_test", Path(__file__).resolve().parent.parent / "nodes" / "loss_chart.py")
 lc = importlib.util.module_from_spec(_spec)

@@ -11,6 +11,9 @@ import torch
 
 import harness
 import workflows as wfs
+from tests.tiers import fast_cases
+
+pytestmark = pytest.mark.slow("breadth of NaN/inf cases; the fast tier keeps one input error, one refused save and a diverging run")
 
 FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
 
@@ -42,7 +45,7 @@ def test_non_finite_training_data_is_an_error_naming_the_input_and_item(server, 
     assert lora_files(server, "nonfinite") == []
 
 
-@pytest.mark.parametrize("corrupt", ["nan", "nan caption"])
+@pytest.mark.parametrize("corrupt", fast_cases(["nan", "nan caption"], "nan caption"))
 def test_save_training_dataset_refuses_non_finite_data(server, corrupt):
     wf = {**wfs.test_data("sd3", corrupt=corrupt), "save": {"class_type": "LoraTrainer_SaveTrainingDataset", "inputs": {
         "latents": ["data", 0], "positive": ["data", 1], "name": "nonfinite/refused"}}}
@@ -66,6 +69,7 @@ def test_a_non_finite_existing_lora_is_an_error_naming_it(server):
     assert lora_files(server, "nonfinite") == []
 
 
+@pytest.mark.fast
 def test_a_non_finite_value_in_a_dataset_file_is_an_error_before_any_step(server):
     wf = {**wfs.test_data("sd3"), "save": {"class_type": "LoraTrainer_SaveTrainingDataset", "inputs": {
         "latents": ["data", 0], "positive": ["data", 1], "name": "nonfinite_src/clean"}}}
@@ -98,7 +102,7 @@ def test_save_lora_never_writes_a_non_finite_lora(server, value):
     assert lora_files(server, "nonfinite") == []
 
 
-@pytest.mark.parametrize("optimizer, training_dtype", [("Adam", "bf16"), ("AdamW", "fp32")])
+@pytest.mark.parametrize("optimizer, training_dtype", fast_cases([("Adam", "bf16"), ("AdamW", "fp32")], ("AdamW", "fp32")))
 def test_a_diverging_run_stops_with_a_clear_error_keeping_the_last_finite_lora(server, optimizer, training_dtype):
     """Adam at learning rate 1.0: the loss turns NaN after a few steps and stays so."""
     before = set(lora_files(server, "diverged"))

@@ -14,6 +14,8 @@ import torch
 
 import harness
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow("builds a venv with comfy-cli from the package index once, then runs it per case")
+
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = REPO / "pyproject.toml"
 REQUIREMENTS = REPO / "tools" / "requirements-registry.txt"

@@ -11,6 +11,8 @@ from safetensors import safe_open
 import harness
 import workflows as wfs
 
+pytestmark = pytest.mark.fast
+
 FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False, "learning_rate": 0.01}
 
 

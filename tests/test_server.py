@@ -4,6 +4,8 @@ from safetensors.torch import load_file
 
 import harness
 
+pytestmark = pytest.mark.fast
+
 
 def test_core_workflow_writes_a_file(server):
     wf = {

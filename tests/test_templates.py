@@ -3,6 +3,9 @@ import json
 from pathlib import Path
 
 import demo
+import pytest
+
+pytestmark = pytest.mark.fast
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "example_workflows"
 NAMES = sorted(p.stem for p in TEMPLATES.glob("*.json"))

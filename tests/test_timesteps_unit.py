@@ -18,6 +18,8 @@ from lora.injection import attached  # noqa: E402
 from training import loop, objectives  # noqa: E402
 from training.timesteps import TimestepSampling, shifted  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 N = 1000  # table length of the fakes: ComfyUI's discrete and flow tables have 1000 entries
 
 

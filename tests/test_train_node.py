@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 import harness
 import workflows as wfs
 
+pytestmark = pytest.mark.fast
+
 ALGORITHMS = ["LoRA", "LoHa", "LoKr", "OFT"]
 FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
 

@@ -1,6 +1,9 @@
 """/object_info of the training node against the contract table (docs/contract.md), field by field."""
 import re
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.fast
 
 CONTRACT = Path(__file__).resolve().parent.parent / "docs" / "contract.md"
 

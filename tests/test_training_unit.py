@@ -20,6 +20,8 @@ from training import checkpointing, data, dataset_file, loop, objectives, optimi
 from training.flat_params import FlatParams  # noqa: E402
 from training.timesteps import TimestepSampling  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -361,18 +361,14 @@ def build(family: Family) -> Built:
 def write(family: Family, built: Built, directory: Path, seed: int = 0) -> Path:
     """The family's model file in ``directory`` (written once, atomically; bf16). The name carries a digest of the
     layout, so a ComfyUI or probe change that alters the model never reuses a stale cached file."""
-    import safetensors.torch
-
     layout = hashlib.sha256(repr(sorted(built.shapes.items())).encode()).hexdigest()[:10]
-    path = directory / f"{family.name}_w{built.width}_{layout}_s{seed}.safetensors"
-    if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
+
+    def tensors(seed: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
-        tensors = {k: tiny_models.seeded_tensor(built.shapes[k], gen).to(torch.bfloat16) for k in sorted(built.shapes)}
-        tmp = path.with_suffix(".partial")
-        safetensors.torch.save_file(tensors, str(tmp))
-        tmp.replace(path)
-    return path
+        return {k: tiny_models.seeded_tensor(built.shapes[k], gen).to(torch.bfloat16) for k in sorted(built.shapes)}
+
+    return tiny_models.write_model(directory / f"{family.name}_w{built.width}_{layout}_s{seed}.safetensors", tensors,
+                                   seed)
 
 
 # -- training data ----------------------------------------------------------------------------------------------------

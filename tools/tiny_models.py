@@ -79,12 +79,16 @@ def tiny_wan_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def write_model(path: Path, state_dict_fn, seed: int = 0) -> Path:
-    """Saves a tiny model where "Load Diffusion Model" finds it (``models/diffusion_models``), once."""
+    """Saves ``state_dict_fn(seed)`` at ``path`` once (e.g. where "Load Diffusion Model" finds it). Atomic and safe
+    when several processes (pytest-xdist workers) fill the same cache at once: each writes its own temporary file and
+    the last rename wins with the same bytes."""
+    import os
+
     import safetensors.torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        tmp = path.with_suffix(".partial")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
         safetensors.torch.save_file(state_dict_fn(seed), str(tmp))
         tmp.replace(path)
     return path
