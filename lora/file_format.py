@@ -1,11 +1,14 @@
 """LoRA files: the key prefix ComfyUI's loader maps to diffusion-model layers, our metadata, atomic saving."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -110,33 +113,67 @@ def _remove_stale_temps(directory: Path) -> None:
     for old in directory.glob(TEMP_PREFIX + "*"):
         try:
             if now - old.stat().st_mtime > STALE_TEMP_S:
-                old.unlink()
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         except OSError:
             pass  # another process removed it first, or it is not ours to remove
 
 
 def save_new(directory: Path, stem: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
              what: str = "lora") -> Path:
-    """Writes ``<stem>_NNNNN.safetensors`` with the first free counter. The file appears complete or not at all, and
-    an existing file is never replaced (the final name is claimed with a hard link, which fails if it exists).
-    Tensors holding NaN or inf are never written: the error names ``what`` (the input they came from)."""
+    """Writes ``<stem>_NNNNN.safetensors`` with the first free counter (``claim_new``). Tensors holding NaN or inf
+    are never written: the error names ``what`` (the input they came from)."""
     import safetensors.torch
 
     if where := first_non_finite(tensors):
-        raise ValueError(f"{what}: holds NaN or infinite values (in {where}); nothing was written")
+        raise ValueError(non_finite_message(what, where))
+    return claim_new(directory, stem, lambda tmp: safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
+
+
+def non_finite_message(what: str, where: str) -> str:
+    return f"{what}: holds NaN or infinite values (in {where}); nothing was written"
+
+
+def claim_new(directory: Path, stem: str, write: Callable[[str], None], suffix: str = ".safetensors") -> Path:
+    """``write(tmp)`` fills a temporary file in ``directory``, which then becomes ``<stem>_NNNNN<suffix>`` with the
+    first free counter. The file appears complete or not at all (if ``write`` raises, or the process dies, only a
+    hidden temporary file is left, removed by a later save), and an existing file is never replaced (the final name
+    is claimed with a hard link, which fails if it exists)."""
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(directory)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=directory)
     os.close(fd)
     try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        counter = 1
-        while True:
-            path = directory / f"{stem}_{counter:05}.safetensors"
-            try:
-                os.link(tmp, path)
-                return path
-            except FileExistsError:
-                counter += 1
+        write(tmp)
+        return _first_free(directory, stem, suffix, lambda path: os.link(tmp, path))
     finally:
         os.unlink(tmp)
+
+
+def claim_new_folder(directory: Path, stem: str, fill: Callable[[Path], None]) -> Path:
+    """``fill(tmp)`` fills a temporary folder in ``directory``, which then becomes ``<stem>_NNNNN/`` with the first
+    free counter, in one rename: the folder appears with all of its files or not at all. A folder that holds
+    anything is never replaced (renaming onto it fails); an empty one may be."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=directory))
+    try:
+        fill(tmp)
+        return _first_free(directory, stem, "", lambda path: os.rename(tmp, path))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _first_free(directory: Path, stem: str, suffix: str, claim: Callable[[Path], None]) -> Path:
+    counter = 1
+    while True:
+        path = directory / f"{stem}_{counter:05}{suffix}"
+        try:
+            claim(path)
+            return path
+        except (FileExistsError, IsADirectoryError, NotADirectoryError):
+            counter += 1
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise
+            counter += 1

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import comfy.utils
 import folder_paths
 
-from ..lora.file_format import save_new
-from ..training.dataset_file import pack, unpack
+from ..lora.file_format import claim_new, claim_new_folder, non_finite_message
+from ..lora.finite import first_non_finite
+from ..training import streamed_safetensors
+from ..training.dataset_file import plan, shards, unpack
 from ..training.mapped_safetensors import MappedFileError, open_mapped
 from . import inputs, process_group
 from .companions import confined
 from .safe_files import inside, listed
+
+
+DEFAULT_SHARD_GB = 2.0
 
 
 def dataset_dir() -> Path:
@@ -57,8 +63,9 @@ def read_dataset(name: str) -> tuple[list, list]:
 
 
 class SaveTrainingDataset:
-    DESCRIPTION = ("Saves encoded training data (latents and their captions' conditioning) as one safetensors file "
-                   "in output/training_datasets, so encoding is done once.")
+    DESCRIPTION = ("Saves encoded training data (latents and their captions' conditioning) in output/training_datasets, "
+                   "so encoding is done once: one safetensors file, or a folder of shards when the set is larger than "
+                   "a shard. Written to disk tensor by tensor: saving takes no more memory than one item.")
     CATEGORY = "LoRA Trainer"
     FUNCTION = "save"
     OUTPUT_NODE = True
@@ -72,18 +79,53 @@ class SaveTrainingDataset:
             "latents": ("LATENT", {"tooltip": "One batch or a list of batches."}),
             "positive": ("CONDITIONING", {"tooltip": "One per image, or one for all."}),
             "name": ("STRING", {"default": "my_dataset", "tooltip": "File name prefix (subfolders allowed)."}),
+        }, "optional": {
+            "shard_size_gb": ("FLOAT", {"default": DEFAULT_SHARD_GB, "min": 1e-6, "max": 1024.0, "step": 0.1,
+                                        "round": 1e-6, "tooltip": (
+                "A set larger than this is saved as a folder of files of at most this size (name_NNNNN/), which "
+                "Load Training Data Set reads as one set.")}),
         }}
 
-    def save(self, latents, positive, name):
+    def save(self, latents, positive, name, shard_size_gb=None):
         if not process_group.writes_files():
             return process_group.skipped("the data set")
         samples = inputs.latent_samples(latents)
         captions = inputs.captions_for(positive, len(samples))
-        tensors, metadata = pack(samples, captions)
         directory, stem = confined(dataset_dir(), inputs.one(name, "name"), "name")
-        path = save_new(directory, stem, tensors, metadata, "latents")
-        rel = path.relative_to(dataset_dir()).as_posix()
+        shard_gb = DEFAULT_SHARD_GB if shard_size_gb is None else inputs.one(shard_size_gb, "shard_size_gb")
+        ranges = shards(samples, captions, max(1, int(shard_gb * 2**30)))
+        progress = comfy.utils.ProgressBar(len(samples))
+        if len(ranges) == 1:
+            path = _save_shard(directory, stem, samples, captions, progress)
+        else:
+            def fill(folder: Path) -> None:
+                for start, stop in ranges:
+                    _save_shard(folder, "part", samples[start:stop], captions[start:stop], progress)
+
+            path = claim_new_folder(directory, stem, fill)
+        rel = path.relative_to(dataset_dir()).as_posix() + ("/" if path.is_dir() else "")
         return {"ui": {"text": [rel]}, "result": (rel,)}
+
+
+def _save_shard(directory: Path, stem: str, samples: list, captions: list, progress) -> Path:
+    """One data set file, streamed to disk (training/streamed_safetensors.py); NaN or inf in any tensor stops the
+    save before the file appears, naming the input it came from."""
+    entries, metadata = plan(samples, captions)
+
+    def check(entry_name: str, tensor) -> None:
+        if first_non_finite(tensor):
+            what = "latents" if entry_name.startswith("latent.") else "positive"
+            raise ValueError(non_finite_message(what, entry_name))
+
+    def done(entry) -> None:
+        if entry.name.startswith("latent."):
+            progress.update(1)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as out:
+            streamed_safetensors.write(out, entries, metadata, check=check, done=done)
+
+    return claim_new(directory, stem, write)
 
 
 class LoadTrainingDataset:

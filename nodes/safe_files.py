@@ -13,9 +13,9 @@ def listed(root: Path) -> list[str]:
     """The ``.safetensors`` files under ``root`` (relative, sorted), without folders and temporary files."""
     if not root.is_dir():
         return []
-    # Temporary files of an interrupted save (older versions named them *.safetensors) are never offered.
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")
-                  if p.is_file() and not p.name.startswith(TEMP_PREFIX))
+    # Temporary files and folders of an interrupted save (older versions named them *.safetensors) are never offered.
+    found = (p.relative_to(root).as_posix() for p in root.rglob("*.safetensors") if p.is_file())
+    return sorted(rel for rel in found if not any(part.startswith(TEMP_PREFIX) for part in rel.split("/")))
 
 
 def inside(root: Path, name: str, what: str, folders: bool = False) -> Path:

@@ -7,30 +7,33 @@ import logging
 
 import torch
 
+from .streamed_safetensors import Entry
+
 log = logging.getLogger("lora_trainer")
 FORMAT = "lora_trainer.dataset/2"
 READS = ("lora_trainer.dataset/1", FORMAT)  # /2 adds captions stored once for several images ("same_as")
 
 
-def pack(samples: list[torch.Tensor], captions: list[list]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The file's tensors and metadata. A caption entry that several images share (the same object, e.g. one
-    caption given for all) is stored once; the others name it."""
-    tensors: dict[str, torch.Tensor] = {}
+def plan(samples: list[torch.Tensor], captions: list[list]) -> tuple[list[Entry], dict[str, str]]:
+    """The file's tensors, as entries that make each tensor only when its bytes are written (no copy of the data set
+    is ever made), and its metadata. A caption entry that several images share (the same object, e.g. one caption
+    given for all) is stored once; the others name it."""
+    entries: list[Entry] = []
     manifest = {"format": FORMAT, "count": len(samples), "captions": []}
     first_of: dict[int, int] = {}
     for i, (latent, caption) in enumerate(zip(samples, captions)):
-        # each tensor is its own copy: safetensors refuses tensors that share memory (rows of one batch)
-        tensors[f"latent.{i}"] = latent.detach().to(torch.float32, copy=True).contiguous()
+        entries.append(Entry(f"latent.{i}", torch.float32, tuple(latent.shape),
+                             lambda latent=latent: latent.detach().to(torch.float32)))
         if id(caption) in first_of:
             manifest["captions"].append({"same_as": first_of[id(caption)]})
             continue
         first_of[id(caption)] = i
         cross_attn, extra = caption
-        tensors[f"cond.{i}.cross_attn"] = cross_attn.detach().clone().contiguous()
+        entries.append(_as_is(f"cond.{i}.cross_attn", cross_attn))
         values, tensor_keys = {}, []
         for key, value in extra.items():
             if torch.is_tensor(value):
-                tensors[f"cond.{i}.{key}"] = value.detach().clone().contiguous()
+                entries.append(_as_is(f"cond.{i}.{key}", value))
                 tensor_keys.append(key)
             else:
                 try:
@@ -39,7 +42,41 @@ def pack(samples: list[torch.Tensor], captions: list[list]) -> tuple[dict[str, t
                 except TypeError:
                     log.warning("training data set: caption %d key '%s' (%s) is not saved", i, key, type(value).__name__)
         manifest["captions"].append({"tensors": tensor_keys, "values": values})
-    return tensors, {"manifest": json.dumps(manifest)}
+    return entries, {"manifest": json.dumps(manifest)}
+
+
+def _as_is(name: str, tensor: torch.Tensor) -> Entry:
+    return Entry(name, tensor.dtype, tuple(tensor.shape), lambda: tensor.detach())
+
+
+def pack(samples: list[torch.Tensor], captions: list[list]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's tensors made at once (``plan`` for writing; this for small sets and tests)."""
+    entries, metadata = plan(samples, captions)
+    return {entry.name: entry.make() for entry in entries}, metadata
+
+
+def shards(samples: list[torch.Tensor], captions: list[list], max_bytes: int) -> list[tuple[int, int]]:
+    """(start, stop) ranges of items, in order, whose files each hold at most ``max_bytes`` of tensors (an item
+    larger than that gets a file of its own). A caption shared by items of several shards is stored in each."""
+    ranges, start, size, seen = [], 0, 0, set()
+    for i, (latent, caption) in enumerate(zip(samples, captions)):
+        item = latent.numel() * 4  # stored as fp32
+        if id(caption) not in seen:
+            item += _caption_bytes(caption)
+        if i > start and size + item > max_bytes:
+            ranges.append((start, i))
+            start, size, seen = i, 0, set()
+            item = latent.numel() * 4 + _caption_bytes(caption)
+        seen.add(id(caption))
+        size += item
+    if samples:
+        ranges.append((start, len(samples)))
+    return ranges
+
+
+def _caption_bytes(caption: list) -> int:
+    cross_attn, extra = caption
+    return sum(t.numel() * t.element_size() for t in (cross_attn, *extra.values()) if torch.is_tensor(t))
 
 
 def unpack(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str):
