@@ -1,5 +1,5 @@
 """Every model family ComfyUI's "Load Diffusion Model" detects trains at the node's defaults through the real server
-(compute in fp32 above BF16_MAX_PARAMETERS: see there).
+(in fp32 and without DoRA above BIG_PARAMETERS: see there).
 
 Per family (tools/family_models.py): a generated model at the smallest size the running ComfyUI detects, loaded by
 UNETLoader from models/diffusion_models, trained 2 steps with gradient checkpointing on and off in one prompt (the
@@ -27,14 +27,28 @@ pytestmark = pytest.mark.slow("66 families, up to 0.5 B parameters each (several
 # 2-core, 24 GB machine. FAMILY_MATRIX_MAX_PARAMETERS lowers it on slower machines (or raises it on bigger ones).
 MAX_PARAMETERS = int(os.environ.get("FAMILY_MATRIX_MAX_PARAMETERS", 1_000_000_000))
 LOG_FAILURES = ("lora key not loaded", "unet missing", "unet unexpected")
-# bf16 autocast has no fast kernels on a CPU without AVX-512 BF16 or AMX (CI's): a 3072-wide layer trains ~20x slower
-# than in fp32, so the big fixed-width families (Flux, Qwen-Image, Lumina2, …) took 3-4 minutes each at the default.
-# Above this size the matrix trains in fp32; the smaller families (most of the matrix) keep the node's bf16 default.
-BF16_MAX_PARAMETERS = 100_000_000
+# Above this size (the fixed-width families: Flux, Qwen-Image, Lumina2, AuraFlow, … at ~0.5 B parameters) each family
+# took 3-4 minutes on a 2-core CPU, and the matrix most of CI's time, for two reasons:
+# - bf16 autocast has no fast kernels on a CPU without AVX-512 BF16 or AMX (CI's): a 3072-wide layer trains ~20x
+#   slower than in fp32. These families train in fp32.
+# - DoRA: every time ComfyUI applies a DoRA LoRA (each comparison of outputs) it recomputes the norm of every merged
+#   weight (weight_decompose), two thirds of such a family's time. The options run leaves DoRA out here; DoRA is
+#   per-layer math and trains on every family up to this size, with the same Linear and Conv layers.
+# The smaller families (most of the matrix) keep the node's bf16 default and every option.
+BIG_PARAMETERS = 100_000_000
 
 
 def training_dtype(built: fm.Built) -> str:
-    return "bf16" if built.parameters <= BF16_MAX_PARAMETERS else "fp32"
+    return "bf16" if built.parameters <= BIG_PARAMETERS else "fp32"
+
+
+def matrix_options(built: fm.Built) -> dict:
+    return wfs.MATRIX_OPTIONS if built.parameters <= BIG_PARAMETERS else {**wfs.MATRIX_OPTIONS, "dora": False}
+
+
+def matrix(path: Path, name: str, built: fm.Built) -> dict:
+    """The matrix workflow of ``name`` at the settings its size gets (see BIG_PARAMETERS)."""
+    return wfs.family_matrix(path.name, name, training_dtype=training_dtype(built), options=matrix_options(built))
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +107,9 @@ def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
 
     server.free()  # the previous family's model leaves memory before this one loads
     log_start = len(server.log_text())
-    dtype = training_dtype(built)
-    entry = server.run(server.with_defaults(wfs.family_matrix(path.name, name, training_dtype=dtype)))
+    entry = server.run(server.with_defaults(matrix(path, name, built)))
     log = server.log_text()[log_start:]
-    print(f"{name}: {built.parameters / 1e6:.1f} M parameters (width {built.width}, {dtype}); "
+    print(f"{name}: {built.parameters / 1e6:.1f} M parameters (width {built.width}, {training_dtype(built)}); "
           f"file {generated - start:.1f} s, prompt {time.monotonic() - generated:.1f} s")
 
     for failure in LOG_FAILURES:
@@ -112,7 +125,7 @@ def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
     for tag in ("ckpt", "plain"):
         rel = entry["outputs"][f"cmp_kohya_{tag}"]["rel_diff"][0]
         assert rel < 1e-3, f"kohya file of the {tag} run: output differs from model_with_lora by {rel}"
-    check_diffusers_round_trip(server, path.name, name, dtype)
+    check_diffusers_round_trip(server, matrix(path, name, built), name)
 
 
 # Families whose ComfyUI key map has diffusers (transformer./unet.) names for every layer a default LoRA adapts: saving
@@ -121,11 +134,11 @@ DIFFUSERS_FAMILIES = {"sd15", "sd2", "sdxl", "sd3", "sd35", "flux_dev", "flux_sc
                       "pixart_alpha", "pixart_sigma", "hunyuan_video", "hidream", "qwen_image"}
 
 
-def check_diffusers_round_trip(server, unet_name: str, name: str, dtype: str) -> None:
+def check_diffusers_round_trip(server, wf: dict, name: str) -> None:
     """The same prompt again (the trainings come from ComfyUI's cache) with the options LoRA saved in ComfyUI's names
     and the default LoRA in diffusers names, both reloaded: each acts as its model_with_lora, or, for a family without
     diffusers names, the diffusers save fails clearly."""
-    wf = wfs.family_matrix(unet_name, name, training_dtype=dtype)
+    wf = dict(wf)
     wf.update(wfs.saved_and_reloaded("train_plain", "comfyui", f"matrix/{name}_comfyui", "comfyui"))
     wf.update(wfs.saved_and_reloaded("train_ckpt", "diffusers", f"matrix/{name}_diffusers", "diffusers"))
     try:
@@ -175,7 +188,7 @@ def test_trains_on_top_of_a_bypass_lora(server, cache_dir, name):
     if built.parameters > MAX_PARAMETERS / 4:
         pytest.skip(f"{name} is {built.parameters / 1e6:.0f} M parameters on this ComfyUI: the matrix covers it")
     path = installed(server, family, built, cache_dir)
-    wf = wfs.family_matrix(path.name, name, training_dtype=training_dtype(built))
+    wf = matrix(path, name, built)
     wf["upstream"] = {"class_type": "LoraModelLoader", "inputs": {
         "model": ["model", 0], "lora": ["train_plain", 1], "strength_model": 1.0, "bypass": True}}
     for tag in ("ckpt", "plain"):  # the second trainings start from the bypass model

@@ -198,7 +198,7 @@ def test_continue_training_from_fixture(server, cache_dir, name):
     within CONTINUE_SHARE of the fixture's own effect on the output)."""
     model_name, lora = install(server, name, cache_dir)
     base = workflow(name, model_name, lora)
-    # fp32 compute: bf16 has no fast CPU kernels (see test_family_matrix.BF16_MAX_PARAMETERS) and the check is exact
+    # fp32 compute: bf16 has no fast CPU kernels (see test_family_matrix.BIG_PARAMETERS) and the check is exact
     wf = wfs.train({"model": base["model"]}, {"data": base["data"]}, save_prefix=None, steps=1,
                    learning_rate=1e-7, existing_lora=lora, training_dtype="fp32")
     wf["foreign"] = base["foreign"]

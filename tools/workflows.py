@@ -73,10 +73,12 @@ MATRIX_OPTIONS: dict[str, Any] = {
 }
 
 
-def family_matrix(unet_name: str, family: str, steps: int = 2, training_dtype: str = "bf16") -> dict:
+def family_matrix(unet_name: str, family: str, steps: int = 2, training_dtype: str = "bf16",
+                  options: dict[str, Any] | None = None) -> dict:
     """A generated model through "Load Diffusion Model", trained with checkpointing on at the node's defaults (but
-    ``training_dtype``) and with checkpointing off plus MATRIX_OPTIONS (an intermediate save and training state after
-    step 1); each LoRA applied by ComfyUI's own LoraModelLoader and its outputs compared with the base model's."""
+    ``training_dtype``) and with checkpointing off plus ``options`` (default MATRIX_OPTIONS: an intermediate save and
+    training state after step 1); each LoRA applied by ComfyUI's own LoraModelLoader and its outputs compared with the
+    base model's."""
     wf = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
           "data": {"class_type": "LoraTrainerTest_FamilyData", "inputs": {"family": family, "count": 2, "seed": 0}}}
     for checkpointing in (True, False):
@@ -91,7 +93,8 @@ def family_matrix(unet_name: str, family: str, steps: int = 2, training_dtype: s
             "model_a": ["model", 0], "model_b": [f"lora_{tag}", 0], "latents": ["data", 0], "positive": ["data", 1],
             "nonce": 0, "points": 1}}  # one noise level: for the big fixed-width models each forward counts
     wf["options"] = {"class_type": "LoraTrainer_TrainingOptions", "inputs": {
-        **TRAINING_OPTIONS_DEFAULTS, **MATRIX_OPTIONS, "save_prefix": f"matrix/{family}"}}
+        **TRAINING_OPTIONS_DEFAULTS, **(MATRIX_OPTIONS if options is None else options),
+        "save_prefix": f"matrix/{family}"}}
     wf["train_plain"]["inputs"]["options"] = ["options", 0]
     # kohya names for the plain LoRA and for the one with every option (DoRA's dora_scale, rsLoRA's alpha)
     for tag in ("ckpt", "plain"):
