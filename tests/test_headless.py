@@ -125,7 +125,8 @@ def test_ctrl_c_cancels_cleanly_keeping_the_finished_steps(server, tmp_path):
     wf_file = tmp_path / "long.json"
     wf_file.write_text(json.dumps(small_training("headless/long", steps=100000)))
     proc = subprocess.Popen(command(wf_file, server.base_dir), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=harness.ctrl_c_reaches_child)
     seen = []
     try:
         for line in proc.stdout:

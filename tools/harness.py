@@ -67,6 +67,14 @@ def load_pack():
     return module
 
 
+def ctrl_c_reaches_child() -> None:
+    """``preexec_fn`` for a subprocess a test stops with SIGINT: Ctrl-C acts on it even when the test run itself was
+    started in the background, where the shell sets SIGINT to ignored and every child inherits that."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
