@@ -22,28 +22,7 @@ def factors(schedule: LRSchedule, total: int) -> list[float]:
     return [schedule.factor(step, total) for step in range(total)]
 
 
-def test_constant_is_flat_after_a_linear_warmup():
-    assert factors(LRSchedule(), 5) == [1.0] * 5
-    assert factors(LRSchedule(warmup_steps=4), 6) == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-
-
-def test_linear_and_cosine_decay_from_lr_to_the_floor():
-    linear = factors(LRSchedule("linear", min_lr_ratio=0.1), 11)
-    # step t of T decays by t/T: the last step is one decay step above the floor, none is spent at the floor
-    assert linear[0] == 1.0 and linear[5] == pytest.approx(0.1 + 0.9 * 6 / 11)
-    assert linear[10] == pytest.approx(0.1 + 0.9 / 11)
-    assert all(a > b for a, b in zip(linear, linear[1:]))
-    cosine = factors(LRSchedule("cosine", warmup_steps=2, min_lr_ratio=0.2), 12)
-    assert cosine[:2] == [0.5, 1.0]
-    assert cosine[2] == 1.0 and cosine[7] == pytest.approx(0.2 + 0.8 * 0.5)  # halfway through the decay
-    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:])) and min(cosine) >= 0.2
-
-
-def test_cosine_with_restarts_returns_to_lr_each_cycle():
-    f = factors(LRSchedule("cosine_with_restarts", cycles=3), 30)
-    assert [f[0], f[10], f[20]] == [1.0, 1.0, 1.0]
-    assert f[5] == pytest.approx(0.5) and f[15] == pytest.approx(0.5)
-    assert all(f[i] > f[i + 1] for i in range(9))
+# The values of every schedule, step by step: tests/test_schedules_unit.py.
 
 
 @pytest.mark.parametrize("bad", [dict(kind="step"), dict(warmup_steps=-1), dict(min_lr_ratio=1.5), dict(cycles=0)])
