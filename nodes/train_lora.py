@@ -137,9 +137,8 @@ class TrainLoRA:
         identity["base_model"] = comfy_bridge.base_model_name(model)
         if run.save_every_n_steps or run.resume_from:  # hashing every latent is only worth it for a saved state
             identity["data"] = run_saves.data_fingerprint(samples, len(captions))
-        resume, resumed_previous, validated = None, None, []
-        if run.resume_from:
-            resume, resumed_previous, validated = run_saves.load_resume(run.resume_from, identity, steps)
+        resumed = run_saves.load_resume(run.resume_from, identity, steps) if run.resume_from else run_saves.Resumed()
+        resume, validated = resumed.state, resumed.validated
         autocast, manual_cast = comfy_bridge.training_precision(model, DTYPES[training_dtype])
         settings = loop.Settings(steps=steps, batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps,
                                  learning_rate=learning_rate, optimizer=optimizer, loss_function=loss_function,
@@ -180,8 +179,8 @@ class TrainLoRA:
                 adapters = AdapterSet.create(root, algorithm, rank, alpha, generator, module_filter,
                                              train_biases_and_norms, dora=run.dora, rs_lora=run.rs_lora)
                 previous = 0
-            if resumed_previous is not None:
-                previous = resumed_previous
+            if resumed.previous_steps is not None:
+                previous = resumed.previous_steps
             adapters.to(device)
 
             naming = None
@@ -203,7 +202,7 @@ class TrainLoRA:
                 naming = naming or comfy_bridge.model_naming(model, tensors)  # the adapted layers never change
                 return LoraWeights(tensors, metadata, naming=naming, record=record)
 
-            saves = run_saves.IntermediateSaves(run, lora_at, previous, identity, node_id, validated)
+            saves = run_saves.IntermediateSaves(run, lora_at, previous, identity, node_id, validated, resumed.saves)
             conditioning = comfy_bridge.SampleConditioning(clone, captions, x0.shapes, device, seed)
             conditioning.check(clone, x0)
             schedule = comfy_bridge.ComfySchedule(clone.model.model_sampling, device)

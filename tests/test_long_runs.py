@@ -105,9 +105,33 @@ def test_intermediate_saves_keep_the_last_k_and_load_in_comfyui(own_server):
     assert all(server.outputs(entry, f"cmp{n}")["rel_diff"][0] > 0 for n in (10, 20, 30))
     assert "lora key not loaded" not in server.log_text()[log_start:]
     # keep_last 2: the oldest intermediate pair is removed as soon as a third exists
-    server.run(run_workflow("runs/b", keep_last=2))
+    entry = server.run(run_workflow("runs/b", keep_last=2))
     assert sorted(p.name for p in loras.glob("b_*")) == [f"b_{n}_steps_00001.safetensors" for n in (20, 30, 40)]
     assert sorted(p.name for p in states.glob("b_*")) == [f"b_{n}_steps_00001.safetensors" for n in (20, 30)]
+    assert server.outputs(entry, "train")["lora_trainer_saves"] == [20, 30]  # the saves still there
+
+
+def saves_on_disk(server, stem: str) -> list[int]:
+    """The steps of the intermediate saves of runs/<stem> in output/training_states, each with its LoRA beside it."""
+    states = server.base_dir / "output" / "training_states" / "runs"
+    steps = sorted({int(p.name.split("_")[-3]) for p in states.glob(f"{stem}_*_steps_*.safetensors")})
+    loras = server.base_dir / "models" / "loras" / "runs"
+    assert all(any(loras.glob(f"{stem}_{n}_steps_*.safetensors")) for n in steps)
+    return steps
+
+
+@pytest.mark.slow("two runs through the server; the fast kill-and-resume test checks the reported saves too")
+def test_a_resumed_run_reports_every_save_of_its_run_still_on_disk(own_server):
+    """A run of 25 steps saves at 10 and 20; resumed from 20 with 40 steps, it saves at 30. With keep_last 2 the
+    step-10 pair (before the resume) goes, and what the node reports is what is on disk: 20 and 30."""
+    server = own_server()
+    first = server.run(run_workflow("runs/r", 25, keep_last=2))
+    assert server.outputs(first, "train")["lora_trainer_saves"] == [10, 20] == saves_on_disk(server, "r")
+    resumed, entry = loss_map_of(server, run_workflow("runs/r", 40, keep_last=2,
+                                                      resume_from="runs/r_20_steps_00001.safetensors"))
+    assert saves_on_disk(server, "r") == [20, 30]
+    assert resumed["saves"] == server.outputs(entry, "train")["lora_trainer_saves"] == [20, 30]
+    assert not (server.base_dir / "models" / "loras" / "runs" / "r_10_steps_00001.safetensors").exists()
 
 
 KILLED_RUN_STEPS = 40  # 30 steps (60 micro-steps) after the step-10 save: far longer than the kill takes to land
@@ -142,7 +166,9 @@ def test_a_run_killed_and_resumed_gives_the_same_lora_as_one_never_stopped(own_s
     assert all(torch.equal(result[k], reference[k]) for k in reference), "the resumed LoRA differs"
     train_ui = server.outputs(resumed, "train")
     assert train_ui["lora_trainer_loss"] == server.outputs(whole, "train")["lora_trainer_loss"]
-    assert train_ui["lora_trainer_saves"] == list(range(20, KILLED_RUN_STEPS, 10))
+    # the run's saves: the one before the kill (the state it resumed from) and those after it
+    assert train_ui["lora_trainer_saves"] == list(range(10, KILLED_RUN_STEPS, 10))
+    assert saves_on_disk(server, "killed") == train_ui["lora_trainer_saves"]
 
     mismatched = run_workflow("runs/other", KILLED_RUN_STEPS, resume_from=state)
     mismatched["train"]["inputs"]["learning_rate"] = 0.001
