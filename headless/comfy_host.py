@@ -58,6 +58,11 @@ def find_comfyui(explicit: str | None, pack_dir: Path) -> Path:
                     "pass --comfyui DIR or set COMFYUI_DIR")
 
 
+def executor_file(comfyui: Path) -> str:
+    """The resolved path of ComfyUI's executor module (``execution.py``), whose log records name it."""
+    return os.path.realpath(comfyui / "execution.py")
+
+
 def configure(comfyui: Path, comfy_argv: list[str]) -> Any:
     """Imports ComfyUI's argument module with ``comfy_argv`` as its command line (main.py's way: ComfyUI's own parser
     and its post-processing), then sets up devices and folders as main.py does. Returns ComfyUI's ``args``."""

@@ -5,7 +5,8 @@
 
 Arguments after ``--`` go to ComfyUI's own argument parser, as if given to its main.py (e.g. ``--fp32-text-enc``).
 Exit codes: 0 done, 1 a node failed, 2 bad arguments / workflow / override, or ComfyUI's validation refused the
-workflow, 130 interrupted (Ctrl-C).
+workflow, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (what torchrun and job schedulers send), which is a cancel
+too. An error is one line on stderr (under torchrun prefixed with the rank); ``-v`` adds the traceback.
 
 Runnable as a file (``python headless/run.py``, which is also how torchrun starts a script) and as a module from the
 pack's folder (``python -m headless.run``).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -43,10 +45,39 @@ if not __package__:
     __package__ = "headless"  # PEP 366: relative imports below work when run as a file too
 
 from . import comfy_host, ranks, workflow  # noqa: E402
-from .report import Report  # noqa: E402
+from .report import QuietLog, Report, one_line  # noqa: E402
 from .stand_in import HeadlessServer  # noqa: E402
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM both become ComfyUI's cancel: they raise KeyboardInterrupt in the main thread,
+    and the running training keeps its finished steps. SIGTERM is how torchrun passes on its own stop (and how job
+    schedulers and ``kill`` stop a job); its default would end the process at once, saving and saying nothing. A
+    signal this process was started with ignored stays ignored."""
+
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self) -> None:
+        self.last = signal.SIGINT
+
+    def install(self) -> None:
+        for sig in self.NAMES:
+            if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):
+                signal.signal(sig, self._stop)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.last = signal.Signals(signum)
+        raise KeyboardInterrupt
+
+    @property
+    def name(self) -> str:
+        return self.NAMES[self.last]
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.last)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -77,22 +108,33 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     opts, comfy_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    # Under torchrun rank 0 prints the progress; every rank prints its own errors and log, named by its rank.
+    label = f"rank {ranks.rank()}: " if ranks.world_size() > 1 else ""
+    report = Report(open(os.devnull, "w") if ranks.rank() > 0 else sys.stdout, sys.stderr, verbose=opts.verbose,
+                    label=label)
+    quiet_log = QuietLog(opts.verbose)
     logging.basicConfig(level=logging.INFO if opts.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(message)s")
-    ranks.join()
+                        format=label.replace("%", "%%") + "%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet_log)
+    stop = StopSignals()
+    stop.install()
     code = EXIT_FAILED
     try:
-        code = run(opts, comfy_argv)
-        return code
+        ranks.join()
+        code = run(opts, comfy_argv, report, quiet_log, stop)
+    except KeyboardInterrupt:  # before the prompt runs (joining, loading ComfyUI, validating): nothing to cancel
+        report.interrupted(None)
+        code = stop.exit_code
+    except Exception as e:  # noqa: BLE001 - a bug of the runner or ComfyUI: one line, the traceback under -v
+        report.crashed(f"{type(e).__name__}: {one_line(str(e))}", traceback.format_exc())
     finally:
         ranks.leave(succeeded=code == EXIT_OK)
+    return code
 
 
-def run(opts: argparse.Namespace, comfy_argv: list[str]) -> int:
-    # Under torchrun rank 0 prints the progress; every rank prints its own errors, named by its rank.
-    quiet = ranks.rank() > 0
-    report = Report(open(os.devnull, "w") if quiet else sys.stdout, sys.stderr, verbose=opts.verbose,
-                    label=f"rank {ranks.rank()}: " if ranks.world_size() > 1 else "")
+def run(opts: argparse.Namespace, comfy_argv: list[str], report: Report, quiet_log: QuietLog,
+        stop: StopSignals) -> int:
     try:
         prompt = workflow.load(opts.workflow)
         overrides = [workflow.parse_override(text) for text in opts.overrides]
@@ -101,6 +143,7 @@ def run(opts: argparse.Namespace, comfy_argv: list[str]) -> int:
     except (workflow.WorkflowError, comfy_host.HostError) as e:
         report.crashed(str(e))
         return EXIT_USAGE
+    quiet_log.executor_file = comfy_host.executor_file(comfyui)
 
     stand_in = HeadlessServer(report.on_message)
     try:
@@ -109,9 +152,6 @@ def run(opts: argparse.Namespace, comfy_argv: list[str]) -> int:
     except comfy_host.HostError as e:
         report.crashed(str(e))
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        report.interrupted(None)
-        return EXIT_INTERRUPTED
     logging.getLogger(__name__).info("ComfyUI %s at %s", comfy_host.comfyui_version(), comfyui)
 
     try:
@@ -128,20 +168,22 @@ def run(opts: argparse.Namespace, comfy_argv: list[str]) -> int:
         report.validation_failed(checked.error, checked.node_errors)
         return EXIT_USAGE
     comfy_host.install_progress_hook(stand_in, report.on_progress)
-    return execute(checked.prompt, prompt_id, checked.outputs, stand_in, report)
+    return execute(checked.prompt, prompt_id, checked.outputs, stand_in, report, stop)
 
 
-def execute(prompt: dict, prompt_id: str, outputs: list[str], stand_in: HeadlessServer, report: Report) -> int:
-    """Runs the prompt in a worker thread, as the server's prompt worker does, so that Ctrl-C reaches this (main)
-    thread as KeyboardInterrupt and becomes ComfyUI's cancel: the running node stops cleanly at its next check."""
+def execute(prompt: dict, prompt_id: str, outputs: list[str], stand_in: HeadlessServer, report: Report,
+            stop: StopSignals) -> int:
+    """Runs the prompt in a worker thread, as the server's prompt worker does, so that Ctrl-C (or SIGTERM) reaches
+    this (main) thread as KeyboardInterrupt and becomes ComfyUI's cancel: the running node stops cleanly at its next
+    check."""
     result: dict[str, object] = {}
     done = threading.Event()
 
     def work() -> None:
         try:
             result["outcome"] = comfy_host.execute(prompt, prompt_id, outputs, stand_in)
-        except BaseException:  # noqa: BLE001 - reported by the main thread
-            result["crash"] = traceback.format_exc()
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            result["crash"] = (e, traceback.format_exc())
         finally:
             done.set()
 
@@ -152,19 +194,21 @@ def execute(prompt: dict, prompt_id: str, outputs: list[str], stand_in: Headless
             # A plain sleep: a KeyboardInterrupt inside Thread.join() can leave the thread looking finished (CPython).
             time.sleep(0.1)
         except KeyboardInterrupt:
-            if interrupted:  # a second Ctrl-C: the user will not wait for the node to stop
+            if interrupted:  # a second stop: the user will not wait for the node to stop
                 report.interrupted(None)
-                os._exit(EXIT_INTERRUPTED)
+                os._exit(stop.exit_code)
             interrupted = True
-            report.interrupting()
+            report.interrupting(stop.name)
             comfy_host.interrupt()
     if "crash" in result:
-        report.crashed(f"ComfyUI's executor raised:\n{result['crash']}")
+        error, trace = result["crash"]  # type: ignore[misc]
+        report.crashed(f"ComfyUI's executor raised {type(error).__name__}: {one_line(str(error))}", trace)
         return EXIT_FAILED
     outcome: comfy_host.Outcome = result["outcome"]  # type: ignore[assignment]
     if outcome.interrupted or interrupted:
         report.interrupted(outcome.error)
-        return EXIT_INTERRUPTED
+        # A rank stopped by another rank's cancel (the training agrees on the step to stop at) was sent no signal.
+        return stop.exit_code
     if not outcome.success:
         report.failed(outcome.error or {})
         return EXIT_FAILED

@@ -17,8 +17,10 @@ def _prompt_server_class():
     return getattr(module, "PromptServer", None)
 
 
-def send(event: str, data: dict[str, Any]) -> None:
-    if not Ranks.current().main:  # in a data-parallel run, rank 0 reports for all
+def send(event: str, data: dict[str, Any], every_rank: bool = False) -> None:
+    """``every_rank``: also from a rank other than 0, for what each rank must tell about itself (where it stopped);
+    otherwise, in a data-parallel run, rank 0 reports for all."""
+    if not every_rank and not Ranks.current().main:
         return
     cls = _prompt_server_class()
     instance = getattr(cls, "instance", None) if cls is not None else None

@@ -252,11 +252,19 @@ class TrainLoRA:
         return save_new(lora_files.main_lora_dir() / folder, f"{folder}_step{total}", dict(lora), lora.metadata).name
 
     def _keep_cancelled(self, lora: LoraWeights, total: int, node_id, steps_done: int) -> None:
-        """A cancel keeps what was trained, then the prompt stops the way ComfyUI stops on cancel."""
+        """A cancel keeps what was trained, then the prompt stops the way ComfyUI stops on cancel. Every rank of a
+        data-parallel run reports where it stopped (the same step on all); only rank 0 can tell what was saved."""
         name = self._keep(lora, total, "cancelled", steps_done)
-        log.warning("training cancelled after step %d; %s", total,
-                    f"the LoRA so far is saved as loras/cancelled/{name}" if name else "no step finished, none kept")
-        events.send("cancelled", {"node": node_id, "step": total, "file": name})
+        writes = process_group.writes_files()
+        if not writes:
+            kept = "rank 0 writes the files"
+        elif name:
+            kept = f"the LoRA so far is saved as loras/cancelled/{name}"
+        else:
+            kept = "no step of this run finished, nothing saved"
+        # INFO: a cancel is what the user asked for; ComfyUI's console shows INFO, the headless runner its own report.
+        log.info("training cancelled after step %d; %s", total, kept)
+        events.send("cancelled", {"node": node_id, "step": total, "file": name, "writes": writes}, every_rank=True)
         comfy.model_management.interrupt_current_processing(False)
         raise comfy.model_management.InterruptProcessingException()
 
@@ -265,8 +273,12 @@ class TrainLoRA:
         name = self._keep(lora, total, "diverged", result.steps_done)
         skipped = result.skipped
         events.send("diverged", {"node": node_id, "step": skipped[-1], "file": name})
-        kept = (f"The LoRA of the last finite step ({total} steps in all) is kept as loras/diverged/{name}." if name
-                else "No step finished, so no LoRA was kept.")
+        if not process_group.writes_files():  # this rank wrote nothing; whether rank 0 kept a file is its to say
+            kept = "Rank 0 writes the files."
+        elif name:
+            kept = f"The LoRA of the last finite step ({total} steps in all) is kept as loras/diverged/{name}."
+        else:
+            kept = "No step finished, so no LoRA was kept."
         raise TrainingDiverged(
             f"learning_rate: the training diverged: the loss or its gradients were NaN or infinite in "
             f"{loop.MAX_NON_FINITE_IN_A_ROW} steps in a row (steps {skipped[-loop.MAX_NON_FINITE_IN_A_ROW]}-"

@@ -84,22 +84,61 @@ def test_headless_lora_is_bit_identical_to_the_servers(server, tmp_path):
     assert "done in" in proc.stdout
 
 
-def test_validation_error_exits_2_with_comfyuis_message(server, tmp_path):
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_validation_errors_exit_2_one_line_each_naming_the_input(server, tmp_path):
+    # Out of range, the wrong type, a file that is not there: ComfyUI refuses the workflow; each error is one line.
     proc = run_headless(tmp_path, server.base_dir, small_training("headless/invalid"),
-                        "--set", "train.learning_rate=5")
+                        "--set", "train.learning_rate=5", "--set", "train.steps=\"many\"",
+                        "--set", "train.existing_lora=no_such_lora.safetensors")
     assert proc.returncode == 2, explain(proc)
-    assert "ComfyUI rejected the workflow" in proc.stderr and "[train] LoraTrainer_TrainLoRA" in proc.stderr
-    assert re.search(r"bigger than max.*learning_rate", proc.stderr), explain(proc)
+    errors = error_lines(proc)
+    assert len(errors) == 3, explain(proc)
+    head = "error: [train] LoraTrainer_TrainLoRA: "
+    assert f"{head}learning_rate: Value 5.0 bigger than max of 1.0" in errors, explain(proc)
+    assert f"{head}steps: Failed to convert an input value to a INT value: many, invalid literal for int() with " \
+           "base 10: 'many'" in errors, explain(proc)
+    assert any(e.startswith(f"{head}existing_lora: Value not in list: 'no_such_lora.safetensors' not in ['[None]'")
+               for e in errors), explain(proc)
+    assert "Traceback" not in proc.stderr and "Failed to validate prompt" not in proc.stderr, explain(proc)
     assert not STEP.search(proc.stdout), "nothing may run when validation fails"
 
+    missing = tmp_path / "no_such_workflow.json"
+    proc = subprocess.run(command(missing, server.base_dir), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, explain(proc)
+    assert proc.stderr.splitlines() == [f"error: cannot read {missing}: No such file or directory"], explain(proc)
 
-def test_node_error_exits_1_naming_the_node_and_comfyuis_message(server, tmp_path):
-    proc = run_headless(tmp_path, server.base_dir, small_training("headless/failing"),
-                        "--set", "train.module_filter=no_such_layer")
+
+def failing_run(server, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    return run_headless(tmp_path, server.base_dir, small_training("headless/failing"),
+                        "--set", "train.module_filter=no_such_layer", *extra)
+
+
+MODULE_FILTER_ERROR = re.compile(r"^error: \[train\] LoraTrainer_TrainLoRA failed: ValueError: module_filter: "
+                                 r"'no_such_layer' matches no .*$")
+
+
+def test_node_error_exits_1_one_line_naming_the_node_and_the_input(server, tmp_path):
+    proc = failing_run(server, tmp_path)
     assert proc.returncode == 1, explain(proc)
-    assert re.search(r"error: \[train\] LoraTrainer_TrainLoRA failed: ValueError: module_filter: 'no_such_layer' "
-                     r"matches no", proc.stderr), explain(proc)
+    assert len(error_lines(proc)) == 1 and MODULE_FILTER_ERROR.match(error_lines(proc)[0]), explain(proc)
+    # ComfyUI's executor logs the exception with its traceback; the runner prints it once, the traceback under -v.
+    assert "Traceback" not in proc.stderr and "!!! Exception" not in proc.stderr, explain(proc)
     assert "[save] LoraTrainer_SaveLoRA:" not in proc.stdout
+
+
+@pytest.mark.slow("a second headless run of the failing workflow (~25 s); the report's -v is unit-tested in the fast "
+                  "tier")
+def test_verbose_adds_the_traceback_to_the_node_error(server, tmp_path):
+    proc = failing_run(server, tmp_path, "-v")
+    assert proc.returncode == 1, explain(proc)
+    assert len(error_lines(proc)) == 1 and MODULE_FILTER_ERROR.match(error_lines(proc)[0]), explain(proc)
+    after = proc.stderr.split(error_lines(proc)[0], 1)[1]
+    assert after.lstrip("\n").startswith("Traceback (most recent call last):") and "adapter_set.py" in after, \
+        explain(proc)
+    assert "!!! Exception" not in proc.stderr, explain(proc)  # once: the runner's, not also the executor's log
 
 
 def test_set_overrides_change_the_run_and_a_bad_one_is_an_error(server, tmp_path):
@@ -143,4 +182,5 @@ def test_ctrl_c_cancels_cleanly_keeping_the_finished_steps(server, tmp_path):
     kept = re.search(r"cancelled after step (\d+): the LoRA so far is loras/(cancelled/\S+)", out)
     assert kept and int(kept.group(1)) >= 2, out[-3000:]
     assert (server.base_dir / "models" / "loras" / kept.group(2)).is_file()
-    assert "interrupted in [train] LoraTrainer_TrainLoRA" in err
+    assert (f"interrupted in [train] LoraTrainer_TrainLoRA: stopped after step {kept.group(1)}; the LoRA so far is "
+            f"loras/{kept.group(2)}") in err, err[-3000:]
