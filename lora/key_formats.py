@@ -5,7 +5,8 @@ both ways.
 Which name stands for which layer is not decided here: it comes from ComfyUI's key map for the model (``names``:
 file module name → ``diffusion_model.<layer>.weight``, or ``(that key, (dim, start, size))`` where a name stands for a
 slice of a fused weight, e.g. diffusers' separate to_q/to_k/to_v of Flux's one qkv layer). So every name written is one
-ComfyUI reads, and no per-family table lives in this pack."""
+ComfyUI reads. Which of ComfyUI's aliases a kohya or diffusers file uses is decided by the tool that reads it
+(``consumers``: one name per layer, the tool's own)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import consumers
 from .adapter_set import KNOWN_SUFFIXES, LoraFileError
 
 FORMATS = ("comfyui", "kohya", "diffusers")
@@ -154,50 +156,60 @@ def _merge_slices(key: str, parts: list[tuple[Slice, str, dict[str, torch.Tensor
 
 
 # -- ours → a naming ----------------------------------------------------------------------------------------------------
-NAMING_PREFIXES = {"kohya": ("lora_unet_",), "diffusers": ("transformer.", "unet.")}
+NAMING_PREFIXES = {"kohya": ("lora_unet_",), "diffusers": ("unet.", "transformer.")}
 
 
-def choose_names(names: Mapping[str, str | Sequence], modules: Iterable[str], fmt: str,
+def _candidates(names: Mapping[str, str | Sequence]) -> dict[str, list[Named]]:
+    """ComfyUI's names of each layer (``<prefix><layer>``), sorted: all the aliases its key map lists."""
+    out: dict[str, list[Named]] = {}
+    for name, value in names.items():
+        key, part, transform = _target(value)
+        out.setdefault(_module_of(key), []).append((name, part, transform))
+    return {module: sorted(found, key=lambda c: c[:2]) for module, found in out.items()}
+
+
+def _diffusers_path(found: list[Named]) -> str | None:
+    """The layer's path in diffusers' UNet, where ComfyUI's map names the layer by it (SD 1.x/2.x/SDXL)."""
+    paths = [consumers.diffusers_module(c[0]) for c in found if c[0].startswith("unet.") and c[1] is None]
+    return paths[0] if paths else None
+
+
+def choose_names(names: Mapping[str, str | Sequence], modules: Iterable[str], fmt: str, family: str = "",
                  prefix: str = "diffusion_model.") -> dict[str, list[Named]]:
-    """For each of our modules (``<prefix><layer>``), the names format ``fmt`` gives it, from ComfyUI's key map.
-
-    kohya: ``lora_unet_<layer with _>``; for UNets ComfyUI's map also has the diffusers-path form, which sd-scripts
-    writes for SD 1.x/2.x/SDXL, and that one is preferred. diffusers: the ``transformer.`` names (``unet.`` for UNets);
-    where only slices of a fused weight have names, all slices, which must cover it. A layer without a name in the
-    format is an error that names it (no silent fallback to another naming)."""
+    """For each of our modules (``<prefix><layer>``), the names format ``fmt`` gives it: the one name per layer the
+    family's consumer uses (``consumers``), which ComfyUI's key map must also list (so the file can be checked by
+    ComfyUI's own loader). kohya: the names of kohya's trainer for the family. diffusers: the module of the family's
+    diffusers model; where that model splits a fused layer (Flux's and SD3's qkv), the slices, which must cover it.
+    A format no tool reads for the family, or a layer without such a name, is an error that names it."""
     if fmt == "comfyui":
         return {m: [(m, None, None)] for m in modules}
     if fmt not in NAMING_PREFIXES:
         raise ValueError(f"format: '{fmt}' is not one of {', '.join(FORMATS)}")
-    candidates: dict[str, list[Named]] = {}
-    for name, value in names.items():
-        if name.startswith(NAMING_PREFIXES[fmt]):
-            key, part, transform = _target(value)
-            candidates.setdefault(_module_of(key), []).append((name, part, transform))
-    if not candidates:
-        raise LoraFileError(f"ComfyUI knows no {fmt} LoRA naming for this model")
+    consumers.require_format(family, fmt)
+    candidates = _candidates(names)
     out = {}
     for module in modules:
-        found = _pick(module, sorted(candidates.get(module, []), key=lambda c: c[:2]), fmt, prefix)
-        if not found:
-            raise LoraFileError(f"ComfyUI knows no {fmt} name for the layer '{module[len(prefix):]}' of this model")
-        out[module] = found
+        found = candidates.get(module, [])
+        chosen = _kohya_choice(module, found, family, prefix) if fmt == "kohya" else _diffusers_choice(found, family)
+        if not chosen:
+            raise LoraFileError(f"{family or 'this model'}: ComfyUI knows no {fmt} name that its consumer reads for "
+                                f"the layer '{module[len(prefix):]}'")
+        out[module] = chosen
     return out
 
 
-def _pick(module: str, found: list[Named], fmt: str, prefix: str) -> list[Named]:
-    for group in NAMING_PREFIXES[fmt]:  # in order of preference
-        mine = [c for c in found if c[0].startswith(group) and (fmt == "diffusers" or c[2] is None)]
-        wholes = [c for c in mine if c[1] is None]
-        if fmt == "kohya":
-            native = "lora_unet_" + module[len(prefix):].replace(".", "_")
-            wholes.sort(key=lambda c: c[0] == native)  # the diffusers-path form first, where there is one
-        if wholes:
-            return [wholes[0]]
-        parts = sorted({c[1]: c for c in mine if c[1] is not None and c[1][0] == 0 and c[2] is None}.items())
-        if fmt == "diffusers" and parts and _tiles(p for p, _ in parts):
-            return [c for _, c in parts]
-    return []
+def _kohya_choice(module: str, found: list[Named], family: str, prefix: str) -> list[Named]:
+    want = consumers.kohya_name(family, module[len(prefix):], _diffusers_path(found))
+    return [c for c in found if c[0] == want and c[1] is None and c[2] is None][:1]
+
+
+def _diffusers_choice(found: list[Named], family: str) -> list[Named]:
+    mine = [c for c in found if c[0].startswith(NAMING_PREFIXES["diffusers"]) and consumers.is_diffusers_name(family, c[0])]
+    wholes = [c for c in mine if c[1] is None]
+    if wholes:
+        return wholes[:1]
+    parts = sorted({c[1]: c for c in mine if c[1] is not None and c[1][0] == 0}.items())
+    return [c for _, c in parts] if parts and _tiles(p for p, _ in parts) else []
 
 
 def _tiles(parts: Iterable[Slice]) -> bool:
@@ -276,6 +288,7 @@ class ModelNaming:
     shapes: all that converting a LoRA of that model between namings needs. Kept with a trained LoRA."""
     names: dict[str, str | tuple]
     shapes: dict[str, tuple[int, ...]]
+    family: str = ""  # ComfyUI's model class (comfy.supported_models), which decides who reads each format
 
     def canonical(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return to_canonical(state, self.names, self.shapes)
@@ -286,7 +299,19 @@ class ModelNaming:
         if fmt == "diffusers":
             _require_plain_lora(_group(canonical))
         modules = sorted({split_key(k)[0] for k in canonical})
-        return from_canonical(canonical, choose_names(self.names, modules, fmt), fmt, self.shapes)
+        return from_canonical(canonical, choose_names(self.names, modules, fmt, self.family), fmt, self.shapes)
+
+    def not_canonical(self, state: Mapping[str, torch.Tensor], fmt: str) -> list[str]:
+        """The names of a file in ``fmt`` that are not its consumer's own name of their layer (``consumers``): the
+        save-time check, worked out from the key map again rather than from the names ``convert`` chose."""
+        files = sorted({split_key(k)[0] for k in state})
+        if fmt != "kohya":
+            return consumers.not_canonical(self.family, fmt, files)
+        candidates = _candidates(self.names)
+        layers = {_module_of(_target(self.names[n])[0]) for n in files if n in self.names}
+        expected = {consumers.kohya_name(self.family, layer.split(".", 1)[1], _diffusers_path(candidates[layer]))
+                    for layer in layers}
+        return consumers.not_canonical(self.family, fmt, files, expected)
 
 
 # What multiplies ΔW of each algorithm linearly (one factor of a product): scaling it bakes a strength into the file.

@@ -109,6 +109,8 @@ def training_precision(patcher, wanted: torch.dtype) -> tuple[torch.dtype | None
 
 
 def base_model_name(patcher) -> str:
+    """ComfyUI's model class of the model (its ``comfy.supported_models`` entry): the family, which also decides
+    which tools read which LoRA format (lora/consumers.py)."""
     return type(patcher.model.model_config).__name__
 
 
@@ -364,7 +366,7 @@ def model_naming(patcher, lora: dict[str, torch.Tensor]) -> ModelNaming:
     canonical = key_formats.to_canonical(lora, names, shapes, MODEL_PREFIX)
     targets = {m + ".weight" for m in {key_formats.split_key(k)[0] for k in canonical}}
     keep = {n: v for n, v in names.items() if (v if isinstance(v, str) else v[0]) in targets}
-    return ModelNaming(keep, {k: shapes[k] for k in targets if k in shapes})
+    return ModelNaming(keep, {k: shapes[k] for k in targets if k in shapes}, base_model_name(patcher))
 
 
 def modules_of_file(patcher, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -14,10 +14,12 @@ from ..lora.key_formats import FORMATS, ModelNaming
 from . import comfy_bridge
 
 log = logging.getLogger("lora_trainer")
-FORMAT_TOOLTIP = ("Key naming of the file. comfyui: ComfyUI's own (diffusion_model.<layer>). kohya: sd-scripts / "
-                  "LyCORIS names (lora_unet_…, with alpha), which A1111/Forge and most trainers read. diffusers: "
-                  "diffusers/PEFT names (transformer.… / unet.…, alpha folded in), plain LoRA only, for the families "
-                  "ComfyUI knows diffusers names of. Every file is reloaded through ComfyUI's loader before it is kept.")
+FORMAT_TOOLTIP = ("Key naming of the file. comfyui: ComfyUI's own (diffusion_model.<layer>), for every model. kohya: "
+                  "the lora_unet_… names (with alpha) of the family's kohya trainer (sd-scripts: SD 1.5/2.x, SDXL, "
+                  "SD3, Flux, Chroma, Lumina 2; musubi-tuner: HunyuanVideo, Wan, Qwen-Image), which A1111/Forge read "
+                  "too. diffusers: the module names of the family's diffusers model, plain LoRA only (SD 1.x/2.x, "
+                  "SDXL, SD3, Flux). Another choice is refused, naming the formats the family has. Every file is reloaded "
+                  "through ComfyUI's loader before it is kept.")
 
 
 def naming_for(lora: dict[str, torch.Tensor], model, what: str = "model") -> ModelNaming | None:
@@ -44,6 +46,10 @@ def in_format(lora: dict[str, torch.Tensor], naming: ModelNaming | None, fmt: st
     try:
         reference = naming.canonical(lora)
         tensors = naming.convert(lora, fmt)
+        aliases = naming.not_canonical(tensors, fmt)
+        if aliases:
+            raise LoraFileError(f"{len(aliases)} names are not the ones {fmt}'s consumer reads for "
+                                f"{naming.family or 'this model'}, e.g. '{aliases[0]}'")
         comfy_bridge.check_loads_as(naming, tensors, reference)
     except LoraFileError as e:
         raise ValueError(f"format: this LoRA cannot be saved as {fmt}: {e}") from None

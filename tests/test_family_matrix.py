@@ -19,6 +19,7 @@ import pytest
 import family_models as fm
 import harness
 import workflows as wfs
+from lora import consumers
 from tests.tiers import fast_cases
 
 pytestmark = pytest.mark.slow("66 families, up to 0.5 B parameters each (several minutes in all); the fast tier keeps one of each kind")
@@ -47,8 +48,11 @@ def matrix_options(built: fm.Built) -> dict:
 
 
 def matrix(path: Path, name: str, built: fm.Built) -> dict:
-    """The matrix workflow of ``name`` at the settings its size gets (see BIG_PARAMETERS)."""
-    return wfs.family_matrix(path.name, name, training_dtype=training_dtype(built), options=matrix_options(built))
+    """The matrix workflow of ``name`` at the settings its size gets (see BIG_PARAMETERS), its LoRAs saved as kohya
+    where a kohya trainer reads the family's files (lora/consumers.py), else in ComfyUI's names."""
+    kohya = "kohya" in consumers.formats_for(fm.BY_NAME[name].detected_as)
+    return wfs.family_matrix(path.name, name, training_dtype=training_dtype(built), options=matrix_options(built),
+                             save_format="kohya" if kohya else "comfyui")
 
 
 @pytest.fixture(scope="module")
@@ -121,25 +125,21 @@ def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
     assert entry["outputs"]["train_plain"]["lora_trainer_saves"] == [1]
     for folder in ("models/loras", "output/training_states"):
         assert (server.base_dir / folder / "matrix" / f"{name}_1_steps_00001.safetensors").is_file(), folder
-    # kohya files (plain LoRA; DoRA + rsLoRA) reloaded by ComfyUI's own loader act exactly as model_with_lora
+    # the saved files (plain LoRA; DoRA + rsLoRA) reloaded by ComfyUI's own loader act exactly as model_with_lora
     for tag in ("ckpt", "plain"):
-        rel = entry["outputs"][f"cmp_kohya_{tag}"]["rel_diff"][0]
-        assert rel < 1e-3, f"kohya file of the {tag} run: output differs from model_with_lora by {rel}"
+        rel = entry["outputs"][f"cmp_saved_{tag}"]["rel_diff"][0]
+        assert rel < 1e-3, f"saved file of the {tag} run: output differs from model_with_lora by {rel}"
     check_diffusers_round_trip(server, matrix(path, name, built), name, big=built.parameters > BIG_PARAMETERS)
-
-
-# Families whose ComfyUI key map has diffusers (transformer./unet.) names for every layer a default LoRA adapts: saving
-# them as diffusers must work. Other families either work too or fail with the error naming what has no name.
-DIFFUSERS_FAMILIES = {"sd15", "sd2", "sdxl", "sd3", "sd35", "flux_dev", "flux_schnell", "auraflow",
-                      "pixart_alpha", "pixart_sigma", "hunyuan_video", "hidream", "qwen_image"}
 
 
 def check_diffusers_round_trip(server, wf: dict, name: str, big: bool) -> None:
     """The same prompt again (the trainings come from ComfyUI's cache) with the default LoRA in diffusers names and
-    the options LoRA in ComfyUI's names, both reloaded: each acts as its model_with_lora, or, for a family without
-    diffusers names, the diffusers save fails clearly. A ``big`` family (BIG_PARAMETERS) skips the ComfyUI-names
-    reload: those names are the model's own state-dict keys whatever the family (checked on every smaller family, and
-    for every algorithm in test_save_formats), and each reload re-patches all of a 0.5 B model's weights."""
+    the options LoRA in ComfyUI's names, both reloaded: each acts as its model_with_lora, or, for a family diffusers
+    does not read (lora/consumers.py), the diffusers save fails clearly. A ``big`` family (BIG_PARAMETERS) skips the
+    ComfyUI-names reload: those names are the model's own state-dict keys whatever the family (checked on every
+    smaller family, and for every algorithm in test_save_formats), and each reload re-patches all of a 0.5 B model's
+    weights."""
+    family = fm.BY_NAME[name].detected_as
     wf = dict(wf)
     formats = ("diffusers",) if big else ("diffusers", "comfyui")
     if not big:
@@ -148,9 +148,10 @@ def check_diffusers_round_trip(server, wf: dict, name: str, big: bool) -> None:
     try:
         entry = server.run(server.with_defaults(wf))
     except harness.PromptError as e:
-        assert name not in DIFFUSERS_FAMILIES, f"{name} must save as diffusers: {e}"
-        assert "cannot be saved as diffusers: ComfyUI knows no diffusers" in str(e), str(e)
+        assert "diffusers" not in consumers.formats_for(family), f"{name} must save as diffusers: {e}"
+        assert f"no tool reads diffusers LoRA files of {family} models" in str(e), str(e)
         return
+    assert "diffusers" in consumers.formats_for(family), f"{name}: diffusers must be refused"
     for fmt in formats:
         rel = entry["outputs"][f"cmp_{fmt}"]["rel_diff"][0]
         assert rel < 1e-3, f"{fmt} file: output differs from model_with_lora by {rel}"

@@ -228,7 +228,7 @@ def test_the_step_count_a_trainer_records_is_read(name):
 # -- Convert LoRA: a foreign file into another naming ------------------------------------------------------------------
 CONVERSIONS = [("diffusers_flux", "kohya", 1.0), ("kohya_flux", "diffusers", 0.5), ("lycoris_lokr_flux", "kohya", 0.5),
                ("aitoolkit_wan", "kohya", 1.0), ("musubi_wan", "comfyui", -1.0), ("diffusers_sd3", "kohya", 1.0),
-               ("peft_qwen_image", "diffusers", 1.0), ("lycoris_loha_sdxl", "comfyui", 2.0),
+               ("peft_qwen_image", "kohya", 1.0), ("lycoris_loha_sdxl", "comfyui", 2.0),
                ("kohya_sd15", "diffusers", 1.0)]
 
 

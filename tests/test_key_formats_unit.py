@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lora import consumers  # noqa: E402
 from lora.adapter_set import LoraFileError  # noqa: E402
 from lora.key_formats import ModelNaming, holds_adapters, split_key  # noqa: E402
 
@@ -26,7 +27,8 @@ NAMES = {
     f"{P}input_blocks.1.1.proj_in": f"{P}input_blocks.1.1.proj_in.weight",
     "lora_unet_input_blocks_1_1_proj_in": f"{P}input_blocks.1.1.proj_in.weight",
     "lora_unet_down_blocks_0_attentions_0_proj_in": f"{P}input_blocks.1.1.proj_in.weight",
-    "transformer.down_blocks.0.attentions.0.proj_in": f"{P}input_blocks.1.1.proj_in.weight",
+    "unet.down_blocks.0.attentions.0.proj_in": f"{P}input_blocks.1.1.proj_in.weight",
+    "unet.down_blocks.0.attentions.0.proj_in_alias": f"{P}input_blocks.1.1.proj_in.weight",  # no diffusers module
     f"{P}norm": f"{P}norm.weight",
     f"{P}blocks.0.mlp": f"{P}blocks.0.mlp.weight",
     f"{P}final.mod": f"{P}final.mod.weight",
@@ -37,7 +39,21 @@ NAMES = {
 SHAPES = {f"{P}blocks.0.attn.qkv.weight": (12, 5), f"{P}input_blocks.1.1.proj_in.weight": (6, 5),
           f"{P}norm.weight": (5,),
           f"{P}blocks.0.mlp.weight": (3, 5), f"{P}final.mod.weight": (4, 5)}
-NAMING = ModelNaming(NAMES, SHAPES)
+NAMING = ModelNaming(NAMES, SHAPES, "TestDiT")  # kohya: the layers' own paths
+NAMING_SD = ModelNaming(NAMES, SHAPES, "TestSD")  # kohya: diffusers' UNet paths, as sd-scripts names SD 1.x
+# The module layout of the two test families' "diffusers" class (lora/diffusers_layouts.json holds diffusers' own).
+LAYOUT = frozenset({"blocks.#.to_q", "blocks.#.to_k", "blocks.#.to_v", "down_blocks.#.attentions.#.proj_in",
+                    "norm_out.linear"})
+
+
+@pytest.fixture(autouse=True)
+def test_families(monkeypatch):
+    """Two families as lora/consumers.py lists real ones: each has a kohya trainer and a diffusers class."""
+    monkeypatch.setitem(consumers.KOHYA, "TestDiT", consumers.Kohya("test trainer"))
+    monkeypatch.setitem(consumers.KOHYA, "TestSD", consumers.Kohya("test trainer", diffusers_paths=True))
+    for family in ("TestDiT", "TestSD"):
+        monkeypatch.setitem(consumers.DIFFUSERS, family, consumers.Diffusers("TestModel", "TestPipeline"))
+    monkeypatch.setattr(consumers, "diffusers_layout", lambda model_class: LAYOUT)
 
 
 def lora(gen: torch.Generator, rank: int = 3, alpha: float = 1.5) -> dict[str, torch.Tensor]:
@@ -71,12 +87,44 @@ def test_every_format_round_trips_to_the_same_weight_deltas(fmt):
         torch.testing.assert_close(got[module], want[module])
 
 
-def test_kohya_prefers_the_diffusers_path_name_and_keeps_alpha():
-    saved = NAMING.convert(lora(torch.Generator().manual_seed(0)), "kohya")
-    assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in saved
-    assert "lora_unet_down_blocks_0_attentions_0_proj_in.alpha" in saved
+def test_kohya_names_are_the_familys_trainers_and_keep_alpha():
+    state = lora(torch.Generator().manual_seed(0))
+    saved = NAMING.convert(state, "kohya")
+    assert "lora_unet_input_blocks_1_1_proj_in.lora_down.weight" in saved
+    assert "lora_unet_input_blocks_1_1_proj_in.alpha" in saved
     assert "lora_unet_blocks_0_attn_qkv.lora_up.weight" in saved
-    assert not any(k.startswith("lora_unet_input_blocks") for k in saved)
+    assert not any(k.startswith("lora_unet_down_blocks") for k in saved)
+    proj_in = {k: v for k, v in state.items() if ".proj_in." in k}
+    sd = NAMING_SD.convert(proj_in, "kohya")  # SD 1.x: sd-scripts names layers by diffusers' UNet paths
+    assert set(sd) == {f"lora_unet_down_blocks_0_attentions_0_proj_in.{s}" for s in ("lora_down.weight",
+                                                                                      "lora_up.weight", "alpha")}
+    with pytest.raises(LoraFileError, match="no kohya name that its consumer reads for the layer 'blocks.0.attn.qkv'"):
+        NAMING_SD.convert(state, "kohya")  # a layer without a diffusers path has no sd-scripts name
+
+
+def test_diffusers_names_are_modules_of_the_diffusers_class_never_an_alias():
+    saved = NAMING.convert(lora(torch.Generator().manual_seed(0)), "diffusers")
+    assert "unet.down_blocks.0.attentions.0.proj_in.lora.down.weight" in saved
+    assert not any("proj_in_alias" in k for k in saved)
+
+
+def test_the_save_time_check_finds_names_the_consumer_does_not_use():
+    state = lora(torch.Generator().manual_seed(0))
+    for naming, fmt in ((NAMING, "kohya"), (NAMING, "diffusers"), (NAMING_SD, "diffusers")):
+        assert naming.not_canonical(naming.convert(state, fmt), fmt) == []
+    t = torch.ones(2, 5)
+    alias = {"unet.down_blocks.0.attentions.0.proj_in_alias.lora.down.weight": t}
+    assert NAMING.not_canonical(alias, "diffusers") == ["unet.down_blocks.0.attentions.0.proj_in_alias"]
+    sd_path = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t}
+    assert NAMING.not_canonical(sd_path, "kohya") == ["lora_unet_down_blocks_0_attentions_0_proj_in"]
+    assert NAMING_SD.not_canonical(sd_path, "kohya") == []
+
+
+def test_a_format_no_tool_reads_is_an_error_naming_the_family_and_its_formats(monkeypatch):
+    monkeypatch.delitem(consumers.DIFFUSERS, "TestDiT")
+    with pytest.raises(LoraFileError, match="no tool reads diffusers LoRA files of TestDiT models .*saves as: "
+                                            "comfyui, kohya$"):
+        NAMING.convert(lora(torch.Generator().manual_seed(0)), "diffusers")
 
 
 def test_diffusers_splits_a_fused_weight_into_its_named_slices_and_folds_alpha():
@@ -140,14 +188,14 @@ def test_lyCORIS_algorithms_dora_and_diffs_refuse_diffusers_but_keep_kohya():
     with pytest.raises(LoraFileError, match="diffusers format holds plain LoRA factors only.*hada_w1_a"):
         NAMING.convert(state, "diffusers")
     kohya = NAMING.convert(state, "kohya")
-    assert "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w2_b" in kohya and "lora_unet_norm.diff" in kohya
+    assert "lora_unet_input_blocks_1_1_proj_in.hada_w2_b" in kohya and "lora_unet_norm.diff" in kohya
 
 
 def test_a_layer_without_a_name_in_the_format_is_an_error_naming_it():
     mlp = {f"{P}blocks.0.mlp.lora_down.weight": torch.ones(2, 5), f"{P}blocks.0.mlp.lora_up.weight": torch.ones(3, 2)}
-    with pytest.raises(LoraFileError, match="no diffusers name for the layer 'blocks.0.mlp'"):
+    with pytest.raises(LoraFileError, match="no diffusers name that its consumer reads for the layer 'blocks.0.mlp'"):
         NAMING.convert(mlp, "diffusers")
-    with pytest.raises(LoraFileError, match="knows no kohya LoRA naming for this model"):
+    with pytest.raises(LoraFileError, match="no tool reads kohya LoRA files of this model"):
         ModelNaming({f"{P}norm": f"{P}norm.weight"}, SHAPES).convert({f"{P}norm.diff": torch.ones(5)}, "kohya")
 
 

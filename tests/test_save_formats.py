@@ -97,7 +97,7 @@ def test_the_self_check_refuses_a_file_comfyui_would_not_fully_load():
     naming = key_formats.ModelNaming(
         {f"{p}a": f"{p}a.weight", f"{p}b": f"{p}b.weight", "lora_unet_a": f"{p}a.weight", "lora_unet_b": f"{p}b.weight",
          "transformer.q": (f"{p}a.weight", (0, 0, 2)), "transformer.k": (f"{p}a.weight", (0, 2, 2))},
-        {f"{p}a.weight": (4, 3), f"{p}b.weight": (2, 3)})
+        {f"{p}a.weight": (4, 3), f"{p}b.weight": (2, 3)}, "Flux")  # a family with kohya names: its layers' own
     gen = torch.Generator().manual_seed(0)
     ours = {f"{p}{m}.{s}": torch.randn(shape, generator=gen) for m, rows in (("a", 4), ("b", 2))
             for s, shape in (("lora_down.weight", (2, 3)), ("lora_up.weight", (rows, 2)))}

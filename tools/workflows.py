@@ -74,7 +74,7 @@ MATRIX_OPTIONS: dict[str, Any] = {
 
 
 def family_matrix(unet_name: str, family: str, steps: int = 2, training_dtype: str = "bf16",
-                  options: dict[str, Any] | None = None) -> dict:
+                  options: dict[str, Any] | None = None, save_format: str = "kohya") -> dict:
     """A generated model through "Load Diffusion Model", trained with checkpointing on at the node's defaults (but
     ``training_dtype``) and with checkpointing off plus ``options`` (default MATRIX_OPTIONS: an intermediate save and
     training state after step 1); each LoRA applied by ComfyUI's own LoraModelLoader and its outputs compared with the
@@ -96,9 +96,11 @@ def family_matrix(unet_name: str, family: str, steps: int = 2, training_dtype: s
         **TRAINING_OPTIONS_DEFAULTS, **(MATRIX_OPTIONS if options is None else options),
         "save_prefix": f"matrix/{family}"}}
     wf["train_plain"]["inputs"]["options"] = ["options", 0]
-    # kohya names for the plain LoRA and for the one with every option (DoRA's dora_scale, rsLoRA's alpha)
+    # the plain LoRA and the one with every option (DoRA's dora_scale, rsLoRA's alpha) saved in ``save_format``
+    # (kohya where the family has a kohya trainer) and reloaded: cmp_saved_<tag>
     for tag in ("ckpt", "plain"):
-        wf.update(saved_and_reloaded(f"train_{tag}", "kohya", f"matrix/{family}_{tag}_kohya", f"kohya_{tag}"))
+        wf.update(saved_and_reloaded(f"train_{tag}", save_format, f"matrix/{family}_{tag}_{save_format}",
+                                     f"saved_{tag}"))
     return wf
 
 
