@@ -134,6 +134,18 @@ def _cosmos(marker: str, channels: int = 16) -> Callable[[int], Shapes]:
     return lambda width: {marker: (width, width), "x_embedder.proj.1.weight": (width, (channels + 1) * 4)}
 
 
+def _ace_step15(width: int) -> Shapes:
+    """ACE-Step 1.5: heads of 128 with 8 key/value heads fixed, so 8 query heads (1024) at any width. The condition
+    encoder's width must be its audio tokenizer's fixed FSQ width (2048); the lyric (8 layers), timbre (4),
+    tokenizer (2) and detokenizer (2) stacks are fixed too. Only the diffusion decoder takes ``width``."""
+    encoder = 2048
+    return {"encoder.lyric_encoder.layers.0.input_layernorm.weight": (encoder,),
+            "encoder.lyric_encoder.layers.0.self_attn.q_proj.weight": (1024, encoder),
+            "encoder.lyric_encoder.layers.0.mlp.gate_proj.weight": (32, encoder),
+            "decoder.layers.0.self_attn_norm.weight": (width,), "decoder.layers.0.mlp.gate_proj.weight": (2 * width, width),
+            "decoder.layers.0.self_attn.q_proj.weight": (1024, width)}
+
+
 SVD_UNET = {**SD2_UNET, "in_channels": 8, "num_classes": "sequential", "num_res_blocks": [2] * 4, "channel_mult": [1] * 4,
             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "use_temporal_resblock": True, "use_temporal_attention": True,
             "extra_ff_mix_layer": True, "use_spatial_context": True, "merge_strategy": "learned_with_images",
@@ -302,6 +314,10 @@ FAMILIES: tuple[Family, ...] = (
                                                               "down_blocks.1.0.channelwise.0.weight": (1, w)},
            (576,), (4, 16, 16), 1280, pooled=1280),  # its zero prior is (side * 4) // 42 wide: sides >= 11
     Family("ace_step", "ACEStep", lambda w: {"genre_embedder.weight": (1,)}, (2560,), (8, 16, 16), 768),
+    # ACE-Step 1.5: 1-D audio latents (64 channels x frames); lyrics are a second caption of the same width. Its
+    # rotary cos/sin tables are buffers made at load time (inference tensors) that the forward multiplies with.
+    Family("ace_step15", "ACEStep15", _ace_step15, (64, 128), (64, 20), 1024,
+           extras={"conditioning_lyrics": lambda gen: torch.randn(1, 2 * TOKENS, 1024, generator=gen)}),
     Family("omnigen2", "Omnigen2", lambda w: {"time_caption_embed.timestep_embedder.linear_1.bias": (1,)}, (2520,),
            (16, 8, 8), 2048),
     Family("mochi", "GenmoMochi", lambda w: {"t5_yproj.weight": (1,)}, (3072,), (12, 2, 8, 8), 4096,
