@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -20,6 +21,7 @@ from ..lora import key_formats
 from ..lora.adapter_set import LoraFileError, split_keys
 from ..lora.file_format import MODEL_PREFIX
 from ..lora.key_formats import ModelNaming
+from ..training import rms_rope
 from ..training.data import Group, groups_of, out_of_inference, to_device
 from ..training.mapped_safetensors import owned, release
 from .inputs import caption_identity, release_caption
@@ -336,17 +338,26 @@ def trainable_model(patcher, manual_cast: torch.dtype | None = None) -> Iterator
 
 @contextlib.contextmanager
 def training_kernels() -> Iterator[None]:
-    """While training: the kernels ComfyUI uses are ones autograd can differentiate.
+    """While training: the kernels ComfyUI uses are ones autograd can differentiate; the fused ones come back after.
 
-    Newer ComfyUI (0.33) has an ``in_training`` switch that picks differentiable kernels (e.g. rope without the
-    fused comfy_kitchen op, which has no backward); 0.3.75 has no such switch and needs none."""
+    Newer ComfyUI (0.33) has an ``in_training`` switch that some models read to skip fused ``comfy_kitchen`` ops,
+    which have no backward. Others (Anima, JoyImage, Cosmos Predict2) call the fused RMSNorm+RoPE ops without asking
+    it: those ops are swapped in the ``comfy_kitchen`` module, which every call site reaches them through
+    (``comfy_kitchen.rms_rope``, ``comfy.quant_ops.ck.rms_rope_split_half``), for our PyTorch equivalents
+    (``training.rms_rope``). 0.3.75 has neither the switch nor comfy_kitchen, and needs neither."""
     has_switch = hasattr(comfy.model_management, "in_training")
     was_training = getattr(comfy.model_management, "in_training", False)
+    kitchen = sys.modules.get("comfy_kitchen")  # ComfyUI imports it at start-up where it uses it
+    fused = {name: getattr(kitchen, name) for name in rms_rope.DROP_INS if hasattr(kitchen, name)}
     if has_switch:
         comfy.model_management.in_training = True
+    for name in fused:
+        setattr(kitchen, name, rms_rope.DROP_INS[name])
     try:
         yield
     finally:
+        for name, op in fused.items():
+            setattr(kitchen, name, op)
         if has_switch:
             comfy.model_management.in_training = was_training
 
