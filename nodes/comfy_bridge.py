@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -20,7 +21,8 @@ from ..lora import key_formats
 from ..lora.adapter_set import LoraFileError, split_keys
 from ..lora.file_format import MODEL_PREFIX
 from ..lora.key_formats import ModelNaming
-from ..training.data import Group, groups_of, to_device
+from ..training import rms_rope
+from ..training.data import Group, groups_of, out_of_inference, to_device
 from ..training.mapped_safetensors import owned, release
 from .inputs import caption_identity, release_caption
 
@@ -159,11 +161,12 @@ class ModelSpaceLatents:
             self.shapes.append(in_model_space[shape])
 
     def load(self, ids: list[int]) -> torch.Tensor:
-        """These samples in the model's latent space, stacked on ``data_device()`` (fp32, a new tensor)."""
+        """These samples in the model's latent space, stacked on ``data_device()`` (fp32, a new tensor, never an
+        inference tensor: see ``out_of_inference``)."""
         process = self.patcher.model.process_latent_in
         batch = torch.stack([process(self.samples[i].unsqueeze(0).to(data_device(), torch.float32))[0] for i in ids])
         release(*(self.samples[i] for i in ids))
-        return batch
+        return out_of_inference(batch)
 
     def groups(self) -> list[Group]:
         return groups_of(self.shapes, self.load)
@@ -210,9 +213,13 @@ class SampleConditioning:
         return conds
 
     def batch(self, ids: list[int], encoded: list[dict] | None = None) -> dict:
-        """The samples' conditioning concatenated (where it waits) and moved to the training device in one go."""
+        """The samples' conditioning concatenated (where it waits) and moved to the training device in one go.
+
+        Whatever in it was made under ``torch.inference_mode`` (every node's output is) is copied out of it here,
+        one micro-batch at a time: tensors a concatenation passes through as they are (a constant's, e.g. a dict of
+        reference tensors, or a single sample's on the CPU) would otherwise reach autograd, which cannot save them."""
         encoded = encoded if encoded is not None else [self.encode(i) for i in ids]
-        batch = {k: _on(v, self.device) for k, v in comfy.samplers.cond_cat(encoded).items()}
+        batch = out_of_inference({k: _on(v, self.device) for k, v in comfy.samplers.cond_cat(encoded).items()})
         for i in ids:
             release_caption(self.captions[i])
         return batch
@@ -312,32 +319,58 @@ def trainable_model(patcher, manual_cast: torch.dtype | None = None) -> Iterator
     clone.weight_inplace_update = False  # in-place writes into inference tensors are not allowed outside inference
     if manual_cast is not None:
         clone.set_model_compute_dtype(manual_cast)
-    # Parameters only: patching a buffer would turn it into a Parameter for good.
     for key, param in clone.model.named_parameters():
         current = clone.object_patches.get(key, param)  # another node's object patch on a weight is kept, aliased
         if key.startswith(MODEL_PREFIX) and isinstance(current, torch.Tensor):
             clone.add_object_patch(key, _ordinary_alias(current))
+    # Buffers made at load time are inference tensors too, and some are multiplied with activations (e.g. ACE-Step
+    # 1.5's rotary cos/sin tables), which makes autograd save them. Those get a plain-tensor alias (a Parameter
+    # would turn the buffer into a parameter).
+    for key, buffer in clone.model.named_buffers():
+        current = clone.object_patches.get(key, buffer)
+        if key.startswith(MODEL_PREFIX) and isinstance(current, torch.Tensor) and current.is_inference():
+            clone.add_object_patch(key, _ordinary_alias(current, parameter=False))
     comfy.model_management.load_models_gpu([clone])
-    # Newer ComfyUI (0.33) has an `in_training` switch that picks differentiable kernels (e.g. rope without the
-    # fused comfy_kitchen op, which has no backward); 0.3.75 has no such switch and needs none.
-    has_switch = hasattr(comfy.model_management, "in_training")
-    was_training = getattr(comfy.model_management, "in_training", False)
-    if has_switch:
-        comfy.model_management.in_training = True
     try:
-        yield clone
+        with training_kernels():
+            yield clone
     finally:
-        if has_switch:
-            comfy.model_management.in_training = was_training
         _unload(lambda loaded: loaded is clone)  # the memory manager puts the original weights back
 
 
-def _ordinary_alias(param: torch.Tensor) -> torch.nn.Parameter:
-    """A frozen Parameter that shares ``param``'s memory but is not an inference tensor."""
-    alias = torch.empty(0, dtype=param.dtype, device=param.device)
+@contextlib.contextmanager
+def training_kernels() -> Iterator[None]:
+    """While training: the kernels ComfyUI uses are ones autograd can differentiate; the fused ones come back after.
+
+    Newer ComfyUI (0.33) has an ``in_training`` switch that some models read to skip fused ``comfy_kitchen`` ops,
+    which have no backward. Others (Anima, JoyImage, Cosmos Predict2) call the fused RMSNorm+RoPE ops without asking
+    it: those ops are swapped in the ``comfy_kitchen`` module, which every call site reaches them through
+    (``comfy_kitchen.rms_rope``, ``comfy.quant_ops.ck.rms_rope_split_half``), for our PyTorch equivalents
+    (``training.rms_rope``). 0.3.75 has neither the switch nor comfy_kitchen, and needs neither."""
+    has_switch = hasattr(comfy.model_management, "in_training")
+    was_training = getattr(comfy.model_management, "in_training", False)
+    kitchen = sys.modules.get("comfy_kitchen")  # ComfyUI imports it at start-up where it uses it
+    fused = {name: getattr(kitchen, name) for name in rms_rope.DROP_INS if hasattr(kitchen, name)}
+    if has_switch:
+        comfy.model_management.in_training = True
+    for name in fused:
+        setattr(kitchen, name, rms_rope.DROP_INS[name])
+    try:
+        yield
+    finally:
+        for name, op in fused.items():
+            setattr(kitchen, name, op)
+        if has_switch:
+            comfy.model_management.in_training = was_training
+
+
+def _ordinary_alias(tensor: torch.Tensor, parameter: bool = True) -> torch.Tensor:
+    """A tensor (a frozen Parameter unless ``parameter`` is False) that shares ``tensor``'s memory but is not an
+    inference tensor."""
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
     with torch.no_grad():
-        alias.set_(param.untyped_storage(), param.storage_offset(), param.size(), param.stride())
-    return torch.nn.Parameter(alias, requires_grad=False)
+        alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+    return torch.nn.Parameter(alias, requires_grad=False) if parameter else alias
 
 
 def _unload(which: Callable[[object], bool]) -> None:

@@ -22,7 +22,7 @@ import workflows as wfs
 from lora import consumers
 from tests.tiers import fast_cases
 
-pytestmark = pytest.mark.slow("66 families, up to 0.5 B parameters each (several minutes in all); the fast tier keeps one of each kind")
+pytestmark = pytest.mark.slow("69 families, up to 0.5 B parameters each (several minutes in all); the fast tier keeps one of each kind")
 
 # Beyond this, one family needs minutes and several GB (fp32 on the CPU, plus ComfyUI's patch backups) on CI's
 # 2-core, 24 GB machine. FAMILY_MATRIX_MAX_PARAMETERS lowers it on slower machines (or raises it on bigger ones).
@@ -67,18 +67,7 @@ def untestable_reason(family: fm.Family) -> str:
     version = harness.comfyui_version()
     if not hasattr(comfy.supported_models, family.detected_as):
         return f"ComfyUI {version} has no {family.detected_as} model"
-    return family.untestable or upstream_bug(family)
-
-
-def upstream_bug(family: fm.Family) -> str:
-    """A ComfyUI bug that makes a family untrainable for every trainer on the running version, or ""."""
-    predict2 = harness.comfyui_dir() / "comfy" / "ldm" / "cosmos" / "predict2.py"
-    if family.detected_as in ("CosmosT2IPredict2", "CosmosI2VPredict2") and predict2.is_file():
-        if "rms_rope_split_half" in predict2.read_text():
-            return (f"ComfyUI {harness.comfyui_version()}'s Cosmos Predict2 attention calls the fused "
-                    "comfy_kitchen.rms_rope_split_half op without an in_training guard; the op has no backward, so "
-                    "no trainer can train this model there")
-    return ""
+    return family.untestable
 
 
 def installed(server, family: fm.Family, built, cache_dir) -> Path:

@@ -129,9 +129,36 @@ COSMOS1 = "blocks.block0.blocks.0.block.attn.to_q.0.weight"  # Cosmos 1.0: 36 bl
 COSMOS2 = "blocks.0.mlp.layer1.weight"  # Cosmos Predict 2: 10 blocks at any width but 2048 / 5120
 
 
-def _cosmos(marker: str, channels: int = 16) -> Callable[[int], Shapes]:
+def _cosmos(marker: str, channels: int = 16, *extra: str) -> Callable[[int], Shapes]:
     """Cosmos: the patch embedder takes the latent channels plus a padding-mask channel, 2x2 patches."""
-    return lambda width: {marker: (width, width), "x_embedder.proj.1.weight": (width, (channels + 1) * 4)}
+    return lambda width: {marker: (width, width), "x_embedder.proj.1.weight": (width, (channels + 1) * 4),
+                          **{k: (1,) for k in extra}}
+
+
+# Anima: a Cosmos Predict 2 DiT plus an LLM adapter (fixed: 6 layers at 1024, a 32128-token embedding) that maps
+# Qwen3 caption states and T5 token ids to the DiT's 1024-wide context.
+ANIMA_ADAPTER = "llm_adapter.blocks.0.cross_attn.q_proj.weight"
+ANIMA_TEXT: dict[str, Any] = {"extras": {
+    "t5xxl_ids": lambda gen: torch.randint(0, 32128, (TOKENS,), generator=gen),
+    "t5xxl_weights": lambda gen: torch.ones(TOKENS)}}
+
+
+def _joyimage(width: int) -> Shapes:
+    """JoyImage: heads of 128 (its rope splits 16 + 56 + 56), a 3-D patch embedder, Flux-like double blocks."""
+    return {"double_blocks.0.attn.img_attn_qkv.weight": (1,), "double_blocks.0.attn.img_attn_q_norm.weight": (128,),
+            "condition_embedder.time_embedder.linear_1.weight": (1,), "img_in.weight": (width, 16, 1, 2, 2)}
+
+
+def _ace_step15(width: int) -> Shapes:
+    """ACE-Step 1.5: heads of 128 with 8 key/value heads fixed, so 8 query heads (1024) at any width. The condition
+    encoder's width must be its audio tokenizer's fixed FSQ width (2048); the lyric (8 layers), timbre (4),
+    tokenizer (2) and detokenizer (2) stacks are fixed too. Only the diffusion decoder takes ``width``."""
+    encoder = 2048
+    return {"encoder.lyric_encoder.layers.0.input_layernorm.weight": (encoder,),
+            "encoder.lyric_encoder.layers.0.self_attn.q_proj.weight": (1024, encoder),
+            "encoder.lyric_encoder.layers.0.mlp.gate_proj.weight": (32, encoder),
+            "decoder.layers.0.self_attn_norm.weight": (width,), "decoder.layers.0.mlp.gate_proj.weight": (2 * width, width),
+            "decoder.layers.0.self_attn.q_proj.weight": (1024, width)}
 
 
 SVD_UNET = {**SD2_UNET, "in_channels": 8, "num_classes": "sequential", "num_res_blocks": [2] * 4, "channel_mult": [1] * 4,
@@ -257,6 +284,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("cosmos_i2v", "CosmosI2V", _cosmos(COSMOS1, 17), (160, 320, 640, 1280), (16, 2, 8, 8), 1024),
     Family("cosmos_predict2", "CosmosT2IPredict2", _cosmos(COSMOS2), (96, 192, 384, 768), (16, 1, 8, 8), 1024),
     Family("cosmos_predict2_i2v", "CosmosI2VPredict2", _cosmos(COSMOS2, 17), (96, 192, 384, 768), (16, 1, 8, 8), 1024),
+    Family("anima", "Anima", _cosmos(COSMOS2, 16, ANIMA_ADAPTER), (96, 192, 384, 768), (16, 1, 8, 8), 1024,
+           **ANIMA_TEXT),
+    Family("joyimage", "JoyImage", _joyimage, (128,), (16, 1, 8, 8), 4096),
     # HunyuanDiT fixes its caption lengths: 77 CLIP tokens (width 1024) and 256 mT5 tokens (width 2048), with masks.
     Family("hunyuan_dit", "HunyuanDiT", _hunyuan_dit(1), (64, 128, 256, 512, 1024), (4, 8, 8), 1024, **HYDIT_TEXT),
     # v1.0/1.1: 3968 = pooled 1024 + size 1536 + style embedding at the width, which fixes the width at 1408.
@@ -302,6 +332,10 @@ FAMILIES: tuple[Family, ...] = (
                                                               "down_blocks.1.0.channelwise.0.weight": (1, w)},
            (576,), (4, 16, 16), 1280, pooled=1280),  # its zero prior is (side * 4) // 42 wide: sides >= 11
     Family("ace_step", "ACEStep", lambda w: {"genre_embedder.weight": (1,)}, (2560,), (8, 16, 16), 768),
+    # ACE-Step 1.5: 1-D audio latents (64 channels x frames); lyrics are a second caption of the same width. Its
+    # rotary cos/sin tables are buffers made at load time (inference tensors) that the forward multiplies with.
+    Family("ace_step15", "ACEStep15", _ace_step15, (64, 128), (64, 20), 1024,
+           extras={"conditioning_lyrics": lambda gen: torch.randn(1, 2 * TOKENS, 1024, generator=gen)}),
     Family("omnigen2", "Omnigen2", lambda w: {"time_caption_embed.timestep_embedder.linear_1.bias": (1,)}, (2520,),
            (16, 8, 8), 2048),
     Family("mochi", "GenmoMochi", lambda w: {"t5_yproj.weight": (1,)}, (3072,), (12, 2, 8, 8), 4096,

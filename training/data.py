@@ -5,9 +5,12 @@ micro-batch is drawn, so the memory the data set takes is whatever its source ho
 caller's tensors), never a second copy of it."""
 from __future__ import annotations
 
+import copy
 import math
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,6 +60,61 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+def out_of_inference(value: Any) -> Any:
+    """``value`` with each tensor made under ``torch.inference_mode`` replaced by an ordinary copy, found through
+    dicts, lists, tuples and the attributes of other data objects (a conditioning's constants can be any of these).
+
+    Autograd refuses to save an inference tensor for backward, and ComfyUI runs every node in inference mode, so
+    any tensor a node made (a text encoding, a reference latent, a model's own constant) may be one. Only inference
+    tensors are copied, and only the containers on the way to one are rebuilt (shallow copies; the input is never
+    changed): a value without any comes back as the very same object, at the cost of one look at each tensor.
+    Callables (hooks, patches, modules) are code, not data, and are kept as they are. In inference mode (evaluation)
+    nothing is copied: a copy made there would be an inference tensor again, and nothing is saved for backward."""
+    return value if torch.is_inference_mode_enabled() else _copied_out(value, {})
+
+
+_ATOMS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+
+
+def _copied_out(value: Any, seen: dict[int, Any]) -> Any:
+    if isinstance(value, _ATOMS) or callable(value) or isinstance(value, types.ModuleType):
+        return value
+    if id(value) in seen:  # shared (or cyclic) parts are copied once, and a cycle ends at its start
+        return seen[id(value)]
+    seen[id(value)] = value
+    if isinstance(value, torch.Tensor):
+        out = value.clone() if value.is_inference() else value
+    elif isinstance(value, dict):
+        changed = {k: new for k, v in value.items() if (new := _copied_out(v, seen)) is not v}
+        out = _updated(value, changed, lambda c, k, v: c.__setitem__(k, v))
+    elif isinstance(value, (list, tuple)):
+        items = [_copied_out(v, seen) for v in value]
+        if all(new is old for new, old in zip(items, value)):
+            out = value
+        elif isinstance(value, list):
+            out = copy.copy(value)
+            out[:] = items
+        else:  # a tuple, or a named tuple (built from its fields)
+            out = type(value)._make(items) if hasattr(value, "_make") else type(value)(items)
+    elif hasattr(value, "__dict__"):
+        changed = {k: new for k, v in vars(value).items() if (new := _copied_out(v, seen)) is not v}
+        out = _updated(value, changed, setattr)
+    else:
+        out = value
+    seen[id(value)] = out
+    return out
+
+
+def _updated(value: Any, changed: dict, put: Callable[[Any, Any, Any], None]) -> Any:
+    """``value`` itself when nothing changed, else a shallow copy of it with the ``changed`` entries put in."""
+    if not changed:
+        return value
+    out = copy.copy(value)
+    for key, new in changed.items():
+        put(out, key, new)
+    return out
 
 
 class MicroBatches:
