@@ -3,6 +3,7 @@ from .companions import ApplyLoRA, LossGraph
 from .convert_lora import ConvertLoRA
 from .save_lora import SaveLoRA
 from .dataset import LoadTrainingDataset, SaveTrainingDataset
+from .edit_pairs import LoadEditPairs
 from .train_lora import TrainLoRA
 from .training_options import TrainingOptions
 
@@ -13,6 +14,7 @@ NODES = {
     "LoraTrainer_LossGraph": (LossGraph, "Loss Graph (LoRA Trainer)"),
     "LoraTrainer_SaveTrainingDataset": (SaveTrainingDataset, "Save Training Data Set (LoRA Trainer)"),
     "LoraTrainer_LoadTrainingDataset": (LoadTrainingDataset, "Load Training Data Set (LoRA Trainer)"),
+    "LoraTrainer_LoadEditPairs": (LoadEditPairs, "Load Edit Pairs (LoRA Trainer)"),
     "LoraTrainer_TrainingOptions": (TrainingOptions, "Training Options (LoRA Trainer)"),
     "LoraTrainer_ConvertLoRA": (ConvertLoRA, "Convert LoRA (LoRA Trainer)"),
 }

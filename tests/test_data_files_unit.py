@@ -127,6 +127,28 @@ def test_files_of_the_first_format_still_load(tmp_path):
     assert len(got_samples) == len(got_captions) == 3
 
 
+def test_lists_of_tensors_in_a_caption_round_trip(tmp_path):
+    """An edit model's reference_latents (one latent per reference, of any size) are stored and read back in order,
+    and count towards a shard's size."""
+    samples, captions = sample_set(shared=False)
+    g = torch.Generator().manual_seed(2)
+    references = [[torch.randn(1, 4, 2, 2, generator=g)], [torch.randn(1, 4, 2, 3, generator=g),
+                                                           torch.randn(1, 4, 2, 2, generator=g)], []]
+    for caption, refs in zip(captions, references):
+        if refs:
+            caption[1]["reference_latents"] = refs
+    tensors, metadata = dataset_file.pack(samples, captions)
+    assert json.loads(metadata["manifest"])["format"] == "lora_trainer.dataset/3"
+    path = tmp_path / "edit.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    _, got = dataset_file.unpack(*open_mapped(path), "edit")
+    for caption, refs in zip(got, references):
+        assert len(caption[1].get("reference_latents", [])) == len(refs)
+        assert all(torch.equal(a, b) for a, b in zip(caption[1].get("reference_latents", []), refs))
+    with_refs = dataset_file._caption_bytes(captions[1])
+    assert with_refs == sum(t.numel() * 4 for t in (captions[1][0], captions[1][1]["pooled_output"], *references[1]))
+
+
 @pytest.mark.parametrize("same_as", [1, 5, -1])
 def test_a_caption_naming_one_that_does_not_come_before_it_is_refused(same_as):
     samples, captions = sample_set(shared=True)

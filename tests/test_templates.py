@@ -1,9 +1,13 @@
-"""The templates in example_workflows/: listed by ComfyUI, and their API copies run (demo) or validate (real world)."""
+"""The templates in example_workflows/: listed by ComfyUI, and their API copies run (the demo as it is, the edit
+template on generated stand-ins for its models) or validate (real world)."""
 import json
 from pathlib import Path
 
+import dataset_models
 import demo
 import pytest
+
+from tests.test_edit_pairs import pictures, write
 
 pytestmark = pytest.mark.fast
 
@@ -13,16 +17,18 @@ NAMES = sorted(p.stem for p in TEMPLATES.glob("*.json"))
 
 def test_templates_are_in_comfyuis_template_list(server):
     listed = server.get("/workflow_templates")
-    assert sorted(listed["lora_trainer"]) == NAMES == ["lora_trainer_demo_tiny_model", "lora_trainer_real_world"]
+    assert sorted(listed["lora_trainer"]) == NAMES == ["lora_trainer_demo_tiny_model", "lora_trainer_edit_flux_kontext",
+                                                       "lora_trainer_real_world"]
     for name in NAMES:
         ui = server.get(f"/api/workflow_templates/lora_trainer/{name}.json")
         api = json.loads((TEMPLATES / "api" / f"{name}.json").read_text())
         assert sorted(n["type"] for n in ui["nodes"]) == sorted(n["class_type"] for n in api.values())
 
 
-def test_real_world_template_uses_existing_nodes(server):
+@pytest.mark.parametrize("name", ["lora_trainer_real_world", "lora_trainer_edit_flux_kontext"])
+def test_real_world_template_uses_existing_nodes(server, name):
     info = server.object_info()
-    api = json.loads((TEMPLATES / "api" / "lora_trainer_real_world.json").read_text())
+    api = json.loads((TEMPLATES / "api" / f"{name}.json").read_text())
     for node in api.values():
         assert node["class_type"] in info
         assert set(node["inputs"]) <= set(info[node["class_type"]]["input"]["required"]) | set(
@@ -36,3 +42,34 @@ def test_demo_template_trains(server):
     entry = server.run(api)
     assert entry["outputs"]["save"]["text"][0].startswith("demo/demo_lora_40_steps")
     assert len(entry["outputs"]["train"]["lora_trainer_loss"]) == 40
+
+
+def edit_folder(server) -> str:
+    """Two edit items in the template's layouts (a reference beside one target, in control/ for the other)."""
+    a, b, ref_a, ref_b = pictures(5, *[(64, 64)] * 4)
+    return write(server.base_dir / "input" / "template_edit_pairs",
+                 {"a.png": a, "a_ref.png": ref_a, "b.png": b, "control/b.png": ref_b},
+                 {"a": "make it blue", "b": "make it red"})
+
+
+@pytest.mark.parametrize("unet", [
+    "sd3", pytest.param("flux", marks=pytest.mark.slow(
+        "a 0.5 B-parameter Flux (ComfyUI 0.3.75 fixes Flux's width); the fast case runs the same graph on a tiny SD3")),
+])
+def test_edit_template_trains(server, unet):
+    """The Flux Kontext template with generated stand-ins for its files: the Flux class Kontext loads as (or, in the
+    fast tier, a tiny SD3 that runs the same graph without reading the references), CLIP-L for Flux's two text
+    encoders (no T5 here), a 16-channel VAE; 2 steps in fp32 (a CPU)."""
+    dataset_models.install(server.base_dir, "clip_l.safetensors", "taesd16.safetensors", "sd3_clip_l.safetensors")
+    api = json.loads((TEMPLATES / "api" / "lora_trainer_edit_flux_kontext.json").read_text())
+    model = dataset_models.install_flux_for_clip_l(server.base_dir) if unet == "flux" else "sd3_clip_l.safetensors"
+    api["model"]["inputs"].update(unet_name=model, weight_dtype="default")
+    api["clip"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "clip_l.safetensors", "type": "sd3"}}
+    api["vae"]["inputs"]["vae_name"] = "taesd16.safetensors"
+    api["data"]["inputs"]["folder"] = edit_folder(server)
+    api["train"]["inputs"].update(steps=2, training_dtype="fp32", lora_dtype="fp32")
+    server.free()  # a model of an earlier test leaves memory first
+    entry = server.run(api)
+    assert entry["outputs"]["save"]["text"][0].startswith("flux_kontext/my_edit_lora_2_steps")
+    assert len(entry["outputs"]["train"]["lora_trainer_loss"]) == 2
+    assert entry["outputs"]["graph"]["images"]

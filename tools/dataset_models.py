@@ -10,6 +10,10 @@ files, into ``.cache/dataset_models/`` (git-ignored) once:
   so that a latent noised with unit noise still shows which image it came from (tests identify images by that).
 - ``wan_vae``: the Wan 2.1 video VAE, whose width ComfyUI reads from ``decoder.head.0.gamma``: 5-D latents with
   16 channels, 8× spatial and 4× temporal compression. Its latent projection is scaled up tenfold, as above.
+- ``flux_for_clip_l``: a Flux (the class Flux Kontext loads as; it takes reference latents) whose text inputs take
+  CLIP-L's output as type ``sd3`` gives it (``family_models.FLUX_FOR_CLIP_L``). ComfyUI 0.3.75 fixes Flux's width at
+  3072: one double and one single block, about 0.5 B parameters (a 1 GB file), cached under a name that carries its
+  layout, since the width the running ComfyUI accepts decides it.
 - ``clip_l``: CLIP-L. Text encoders load into a fixed configuration (missing weights stay uninitialised), so this is
   full size (123 M parameters, stored fp16, 246 MB): the smallest text encoder of the image families (SD1.5, SDXL,
   SD3 and Flux all use it). ``CLIPLoader`` type ``sd3`` turns it into SD3's conditioning: context (1, 77·k, 4096)
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import family_models
 import tiny_models
 from tiny_models import _randomise as randomise
 
@@ -100,3 +105,15 @@ def install(base_dir: Path, *names: str) -> None:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to(cached(name))
+
+
+def install_flux_for_clip_l(base_dir: Path) -> str:
+    """The Flux of ``family_models.FLUX_FOR_CLIP_L`` (written once into the cache) linked into a ComfyUI base
+    directory's ``models/diffusion_models``; its name there."""
+    family = family_models.FLUX_FOR_CLIP_L
+    path = family_models.write(family, family_models.build(family), CACHE)
+    link = Path(base_dir) / "models" / "diffusion_models" / path.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(path)
+    return path.name

@@ -81,14 +81,16 @@ def _mmdit(*extra: str) -> Callable[[int], Shapes]:
     return probe
 
 
-def _flux(*, channels: int = 16, guidance: bool = True, pooled: bool = True, marker: str = "") -> Callable[[int], Shapes]:
-    """Flux-style double/single-stream DiTs, depth 1 + 1 (``marker`` adds the key of a variant: Chroma, Flux 2)."""
+def _flux(*, channels: int = 16, guidance: bool = True, pooled: bool = True, marker: str = "", context: int = 64,
+          pooled_width: int = 64) -> Callable[[int], Shapes]:
+    """Flux-style double/single-stream DiTs, depth 1 + 1 (``marker`` adds the key of a variant: Chroma, Flux 2).
+    ``context`` and ``pooled_width``: the text encoder's output widths the model takes."""
     patch = 1 if marker.startswith("double_stream") else 2
     def probe(width: int) -> Shapes:
-        shapes = {"img_in.weight": (width, channels * patch * patch), "txt_in.weight": (width, 64),
+        shapes = {"img_in.weight": (width, channels * patch * patch), "txt_in.weight": (width, context),
                   "double_blocks.0.img_attn.norm.key_norm.scale": (1,), **_count("single_blocks.")}
         if pooled:
-            shapes["vector_in.in_layer.weight"] = (width, 64)
+            shapes["vector_in.in_layer.weight"] = (width, pooled_width)
         if guidance:
             shapes["guidance_in.in_layer.weight"] = (width, 256)
         if marker:
@@ -346,6 +348,12 @@ FAMILIES: tuple[Family, ...] = (
                       "UNETLoader drops: a checkpoint-only model"),
 )
 BY_NAME = {f.name: f for f in FAMILIES}
+
+# Not in the matrix: a Flux that takes CLIP-L's output as ``CLIPLoader`` type sd3 gives it (context 4096 wide, pooled
+# 2048: tools/dataset_models.py), for workflows that start from image files. Flux Kontext is this class (it takes
+# reference latents), so edit data sets train on it.
+FLUX_FOR_CLIP_L = Family("flux_clip_l", "Flux", _flux(context=4096, pooled_width=768 + 1280), (128, 3072), (16, 8, 8),
+                         4096, pooled=768 + 1280, extras={"guidance": 3.5})
 
 
 # -- building the model ComfyUI detects, and its file ----------------------------------------------------------------

@@ -141,18 +141,40 @@ def folder_dataset(folder: str, vae: list, clip: list, video: bool = False) -> d
     return nodes
 
 
-def real_world() -> dict:
-    """A Flux dev LoRA from a folder of images with captions: Flux's usual loaders (diffusion model in fp8 to fit
-    training on a 24 GB GPU, CLIP-L + T5-XXL, its VAE) → ComfyUI's data-set nodes → train → save LoRA → loss graph."""
-    loaders = {
-        "model": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors",
-                                                         "weight_dtype": "fp8_e4m3fn"}},
+def edit_pairs(folder: str, vae: list, clip: list) -> dict:
+    """Load Edit Pairs: the target images of an input subfolder with their reference images and edit instructions,
+    encoded into one LATENT and one CONDITIONING (carrying the item's references) per target, and the instructions.
+    Its "data" node plugs into ``train`` like a data source."""
+    return {"data": {"class_type": "LoraTrainer_LoadEditPairs", "inputs": {"folder": folder, "vae": vae, "clip": clip}}}
+
+
+def flux_loaders(unet_name: str) -> dict:
+    """Flux's usual loaders: the diffusion model in fp8 (to fit training on a 24 GB GPU), CLIP-L + T5-XXL, its VAE."""
+    return {
+        "model": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "fp8_e4m3fn"}},
         "clip": {"class_type": "DualCLIPLoader", "inputs": {
             "clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"}},
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
     }
-    return train(loaders, folder_dataset("my_dataset", vae=["vae", 0], clip=["clip", 0]), save_prefix="flux/my_lora",
-                 loss_graph="loss_graph", steps=500, learning_rate=0.0001, rank=16)
 
 
-TEMPLATES = {"lora_trainer_demo_tiny_model": demo, "lora_trainer_real_world": real_world}
+def real_world() -> dict:
+    """A Flux dev LoRA from a folder of images with captions: Flux's loaders → ComfyUI's data-set nodes → train →
+    save LoRA → loss graph."""
+    return train(flux_loaders("flux1-dev.safetensors"), folder_dataset("my_dataset", vae=["vae", 0], clip=["clip", 0]),
+                 save_prefix="flux/my_lora", loss_graph="loss_graph", steps=500, learning_rate=0.0001, rank=16)
+
+
+def edit_flux_kontext() -> dict:
+    """A Flux Kontext edit LoRA from a folder of (target, reference, instruction) items: Flux's loaders with Kontext's
+    model → Load Edit Pairs → train → save LoRA (with the instructions' tag counts) → loss graph."""
+    wf = train(flux_loaders("flux1-kontext-dev.safetensors"), edit_pairs("my_edit_pairs", vae=["vae", 0],
+                                                                          clip=["clip", 0]),
+               save_prefix="flux_kontext/my_edit_lora", loss_graph="loss_graph", steps=500, learning_rate=0.0001,
+               rank=16)
+    wf["save"]["inputs"]["captions"] = ["data", 2]
+    return wf
+
+
+TEMPLATES = {"lora_trainer_demo_tiny_model": demo, "lora_trainer_real_world": real_world,
+             "lora_trainer_edit_flux_kontext": edit_flux_kontext}

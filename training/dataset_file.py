@@ -10,8 +10,10 @@ import torch
 from .streamed_safetensors import Entry
 
 log = logging.getLogger("lora_trainer")
-FORMAT = "lora_trainer.dataset/2"
-READS = ("lora_trainer.dataset/1", FORMAT)  # /2 adds captions stored once for several images ("same_as")
+FORMAT = "lora_trainer.dataset/3"
+# /2 adds captions stored once for several images ("same_as"); /3 lists of tensors in a caption ("tensor_lists", e.g.
+# an edit model's reference_latents), which an older reader would drop without a word.
+READS = ("lora_trainer.dataset/1", "lora_trainer.dataset/2", FORMAT)
 
 
 def plan(samples: list[torch.Tensor], captions: list[list]) -> tuple[list[Entry], dict[str, str]]:
@@ -30,19 +32,28 @@ def plan(samples: list[torch.Tensor], captions: list[list]) -> tuple[list[Entry]
         first_of[id(caption)] = i
         cross_attn, extra = caption
         entries.append(_as_is(f"cond.{i}.cross_attn", cross_attn))
-        values, tensor_keys = {}, []
+        values, tensor_keys, tensor_lists = {}, [], {}
         for key, value in extra.items():
             if torch.is_tensor(value):
                 entries.append(_as_is(f"cond.{i}.{key}", value))
                 tensor_keys.append(key)
+            elif _is_tensor_list(value):
+                entries.extend(_as_is(f"cond.{i}.{key}.{j}", t) for j, t in enumerate(value))
+                tensor_lists[key] = len(value)
             else:
                 try:
                     json.dumps(value)
                     values[key] = value
                 except TypeError:
                     log.warning("training data set: caption %d key '%s' (%s) is not saved", i, key, type(value).__name__)
-        manifest["captions"].append({"tensors": tensor_keys, "values": values})
+        manifest["captions"].append({"tensors": tensor_keys, "values": values,
+                                     **({"tensor_lists": tensor_lists} if tensor_lists else {})})
     return entries, {"manifest": json.dumps(manifest)}
+
+
+def _is_tensor_list(value) -> bool:
+    """A conditioning value that is a list of tensors, e.g. reference_latents (one latent per reference image)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(torch.is_tensor(v) for v in value)
 
 
 def _as_is(name: str, tensor: torch.Tensor) -> Entry:
@@ -76,7 +87,8 @@ def shards(samples: list[torch.Tensor], captions: list[list], max_bytes: int) ->
 
 def _caption_bytes(caption: list) -> int:
     cross_attn, extra = caption
-    return sum(t.numel() * t.element_size() for t in (cross_attn, *extra.values()) if torch.is_tensor(t))
+    listed = [t for v in extra.values() if _is_tensor_list(v) for t in v]
+    return sum(t.numel() * t.element_size() for t in (cross_attn, *extra.values(), *listed) if torch.is_tensor(t))
 
 
 def unpack(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str):
@@ -96,7 +108,9 @@ def unpack(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str
                 continue
             extra = dict(cap["values"])
             extra.update({k: tensors[f"cond.{i}.{k}"] for k in cap["tensors"]})
+            extra.update({k: [tensors[f"cond.{i}.{k}.{j}"] for j in range(int(n))]
+                          for k, n in cap.get("tensor_lists", {}).items()})
             captions.append([tensors[f"cond.{i}.cross_attn"], extra])
-    except (KeyError, ValueError, TypeError, IndexError) as e:  # JSONDecodeError is a ValueError
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:  # JSONDecodeError: a ValueError
         raise ValueError(f"dataset: '{name}' is not a training data set file of this pack ({e!r})") from None
     return samples, captions

@@ -175,3 +175,7 @@ NODE_CLASS_MAPPINGS["LoraTrainerTest_PlainDict"] = PlainDict
 from .fail_on_rank import FailOnRank  # noqa: E402
 
 NODE_CLASS_MAPPINGS["LoraTrainerTest_FailOnRank"] = FailOnRank
+
+from .dataset_report import DescribeDataset  # noqa: E402
+
+NODE_CLASS_MAPPINGS["LoraTrainerTest_DescribeDataset"] = DescribeDataset
