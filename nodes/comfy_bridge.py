@@ -16,6 +16,7 @@ import comfy.model_sampling
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.sd
+import comfy.utils
 
 from ..lora import key_formats
 from ..lora.adapter_set import LoraFileError, split_keys
@@ -24,6 +25,7 @@ from ..lora.key_formats import ModelNaming
 from ..training import rms_rope
 from ..training.data import Group, groups_of, out_of_inference, to_device
 from ..training.mapped_safetensors import owned, release
+from ..training.streams import Layout, Streams, parts
 from .inputs import caption_identity, release_caption
 
 log = logging.getLogger("lora_trainer")
@@ -137,39 +139,78 @@ class ModelSpaceLatents:
     before denoising), made when a micro-batch is drawn: the inputs are read, never copied whole, so a data set costs
     no memory beyond what its source holds (e.g. a memory-mapped file) and one micro-batch.
 
+    A latent of several streams (``training.streams.Streams``, e.g. LTX-2's video + audio) is packed into one row
+    the way ComfyUI's samplers pack a NestedTensor (``comfy.utils.pack_latents``), and the model's latent format is
+    applied to that row, as they apply it; ``layouts`` says which streams each row holds.
+
     The channels the format gives are checked against what the model takes for each distinct input shape before any
     training: a latent from another VAE is blamed on ``latents`` before any forward."""
 
-    def __init__(self, patcher, samples: list[torch.Tensor]):
+    def __init__(self, patcher, samples: list[torch.Tensor | Streams]):
         self.patcher, self.samples = patcher, samples
         fmt = patcher.model.latent_format
-        in_model_space: dict[tuple[int, ...], tuple[int, ...]] = {}
+        in_model_space: dict[tuple, tuple[tuple[int, ...], Layout | None]] = {}
         self.shapes: list[tuple[int, ...]] = []  # each sample's shape in the model's latent space
+        self.layouts: list[Layout | None] = []  # each sample's streams (None: one latent)
         for i, sample in enumerate(samples):
-            shape = tuple(sample.shape)
-            if shape not in in_model_space:
+            shapes = tuple(tuple(t.shape) for t in parts(sample))
+            if shapes not in in_model_space:
                 try:
                     x = self.load([i])[0]
                 except RuntimeError as e:  # per-channel statistics that do not broadcast
-                    raise ValueError(f"latents: image {i} (shape {shape}) does not fit this "
+                    raise ValueError(f"latents: image {i} (shape {_described(shapes)}) does not fit this "
                                      f"{base_model_name(patcher)} model's latent format ({e})") from None
-                if x.shape[0] != fmt.latent_channels:
-                    raise ValueError(f"latents: image {i} has {shape[0]} channels (shape {shape}); "
+                widest = max(s[0] for s in shapes)  # a format of streams counts the widest's (LTX-2: the video's)
+                if (widest if isinstance(sample, Streams) else x.shape[0]) != fmt.latent_channels:
+                    raise ValueError(f"latents: image {i} has {widest} channels (shape {_described(shapes)}); "
                                      f"this {base_model_name(patcher)} model takes latents of its own VAE "
                                      f"({fmt.latent_channels} channels in its latent space)")
-                in_model_space[shape] = tuple(x.shape)
-            self.shapes.append(in_model_space[shape])
+                layout = Layout(shapes, _pack) if isinstance(sample, Streams) else None
+                in_model_space[shapes] = (tuple(x.shape), layout)
+            shape, layout = in_model_space[shapes]
+            self.shapes.append(shape)
+            self.layouts.append(layout)
 
     def load(self, ids: list[int]) -> torch.Tensor:
         """These samples in the model's latent space, stacked on ``data_device()`` (fp32, a new tensor, never an
         inference tensor: see ``out_of_inference``)."""
-        process = self.patcher.model.process_latent_in
-        batch = torch.stack([process(self.samples[i].unsqueeze(0).to(data_device(), torch.float32))[0] for i in ids])
-        release(*(self.samples[i] for i in ids))
+        batch = torch.stack([self._in_model_space(self.samples[i]) for i in ids])
+        release(*(t for i in ids for t in parts(self.samples[i])))
         return out_of_inference(batch)
 
+    def _in_model_space(self, sample: torch.Tensor | Streams) -> torch.Tensor:
+        tensors = [t.unsqueeze(0).to(data_device(), torch.float32) for t in parts(sample)]
+        x, latent_shapes = (_pack(tensors), [t.shape for t in tensors]) if len(tensors) > 1 else (tensors[0], None)
+        with _latent_shapes_told(self.patcher.model, latent_shapes or [x.shape]):
+            return self.patcher.model.process_latent_in(x)[0]
+
     def groups(self) -> list[Group]:
-        return groups_of(self.shapes, self.load)
+        return groups_of(self.shapes, self.load, self.layouts)
+
+
+def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Batches of each stream packed into one (n, 1, N) latent, as ComfyUI's samplers pack a NestedTensor."""
+    return comfy.utils.pack_latents(tensors)[0]
+
+
+def _described(shapes: tuple[tuple[int, ...], ...]) -> str:
+    return str(shapes[0]) if len(shapes) == 1 else " + ".join(map(str, shapes))
+
+
+@contextlib.contextmanager
+def _latent_shapes_told(model, latent_shapes: list) -> Iterator[None]:
+    """The streams of the latent being worked on, set as ComfyUI 0.33's samplers set them on the model
+    (``model.latent_shapes``) for what reads them outside the forward (MiniMax H3 scales its audio stream by them in
+    ``process_latent_in``), and put back after, as the model is shared. 0.3.75's models have no such attribute."""
+    if not hasattr(model, "latent_shapes"):
+        yield
+        return
+    before = model.latent_shapes
+    model.latent_shapes = latent_shapes
+    try:
+        yield
+    finally:
+        model.latent_shapes = before
 
 
 class SampleConditioning:
@@ -181,35 +222,54 @@ class SampleConditioning:
     before any training step."""
 
     def __init__(self, patcher, captions: list[list], shapes: list[tuple[int, ...]], device: torch.device,
-                 seed: int = 0):
+                 seed: int = 0, layouts: list[Layout | None] | None = None):
         self.patcher, self.captions, self.shapes, self.device, self.seed = patcher, captions, shapes, device, seed
+        self.streams = layouts if layouts is not None else [None] * len(shapes)  # ModelSpaceLatents.layouts
+        # ComfyUI's data device, unless encoding runs part of the diffusion model (LTX-2's and MiniMax H3's text
+        # connectors): then the training device, where its weights are and where ComfyUI's samplers encode too.
+        runs_model = hasattr(patcher.model.diffusion_model, "preprocess_text_embeds")
+        self.encoding_device = device if runs_model else data_device()
         self.unchecked: int | None = None  # the sample whose layout the first training forward checks (see check)
-        self.layouts: dict[tuple, int] = {}  # (latent shape, conditioning layout) -> its first sample
-        layout_of: dict[tuple, tuple] = {}  # (caption identity, latent shape) -> its layout
-        for i, (caption, shape) in enumerate(zip(captions, shapes)):
-            shared = (caption_identity(caption), shape)  # samples sharing one caption and latent shape encode alike
+        self.layouts: dict[tuple, int] = {}  # (latent shape, streams, conditioning layout) -> its first sample
+        layout_of: dict[tuple, tuple] = {}  # (caption identity, latent shape, streams) -> its layout
+        for i, (caption, shape, streams) in enumerate(zip(captions, shapes, self.streams)):
+            # samples sharing one caption and latent shape encode alike
+            shared = (caption_identity(caption), shape, streams)
             if shared not in layout_of:
                 conds = self.encode(i)
-                layout_of[shared] = (shape, tuple(sorted((k, tuple(getattr(v.cond, "shape", ()))[1:])
-                                                         for k, v in conds.items())))
+                layout_of[shared] = (shape, streams, tuple(sorted((k, tuple(getattr(v.cond, "shape", ()))[1:])
+                                                                  for k, v in conds.items())))
             self.layouts.setdefault(layout_of[shared], i)
 
+    def latent_shapes(self, i: int) -> list[torch.Size]:
+        """What ComfyUI's samplers pass as ``latent_shapes`` for sample i alone: each stream's shape (batch 1)."""
+        layout = self.streams[i]
+        return [torch.Size((1, *s)) for s in (layout.shapes if layout is not None else (self.shapes[i],))]
+
     def encode(self, i: int) -> dict:
-        """Sample i's model conditioning, on ``data_device()``; an error if the model cannot use it."""
-        noise_like = torch.zeros((1, *self.shapes[i]), device=data_device())
+        """Sample i's model conditioning, on ``encoding_device``; an error if the model cannot use it."""
+        noise_like = torch.zeros((1, *self.shapes[i]), device=self.encoding_device)
+        latent_shapes = self.latent_shapes(i)
         try:
             # What ComfyUI's samplers pass too: some models read them (the x4 upscaler the seed of its noise
             # augmentation; image-to-video models the latent_image as their start image when the conditioning
-            # has none). The start image is empty: the training latent itself would hand the model its target.
+            # has none; LTX-2 the streams its packed latent holds). The start image is empty: the training latent
+            # itself would hand the model its target.
             encoded = comfy.samplers.encode_model_conds(
                 self.patcher.model.extra_conds, comfy.sampler_helpers.convert_cond([self.captions[i]]), noise_like,
-                data_device(), "positive", latent_image=torch.zeros_like(noise_like), seed=self.seed)
-            conds = {k: v.process_cond(batch_size=1, device=data_device(), area=None)
+                self.encoding_device, "positive", latent_image=torch.zeros_like(noise_like), seed=self.seed,
+                latent_shapes=latent_shapes)
+            conds = {k: v.process_cond(batch_size=1, device=self.encoding_device, area=None)
                      for k, v in encoded[0]["model_conds"].items()}
         except Exception as e:  # the model could not use this conditioning at all
             raise self.misfit(i, e) from e
         if not conds:
             raise ValueError(f"positive: conditioning {i} gives this model no inputs (is it from the right encoder?)")
+        if len(latent_shapes) > 1 and "latent_shapes" not in conds:
+            # ComfyUI unpacks the streams for a model only where its conditioning carries them (model_base)
+            raise ValueError(f"latents: image {i} is a latent of {len(latent_shapes)} streams (shapes "
+                             f"{_described(self.streams[i].shapes)}); this {base_model_name(self.patcher)} model "
+                             "takes one latent")
         return conds
 
     def batch(self, ids: list[int], encoded: list[dict] | None = None) -> dict:
@@ -254,10 +314,17 @@ class SampleConditioning:
         for i in self.layouts.values():
             try:
                 with torch.no_grad():
-                    patcher.model.apply_model(to_device(latents.load([i]), self.device), sigma.to(self.device),
-                                              **self.batch([i]))
+                    self.forward(patcher, to_device(latents.load([i]), self.device), sigma.to(self.device), [i])
             except Exception as e:
                 raise self.misfit(i, e) from e
+
+    def forward(self, patcher, x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int],
+                encoded: list[dict] | None = None, transformer_options: dict | None = None) -> torch.Tensor:
+        """The model's denoised estimate for these samples (one batchable run of them; a latent of streams packed),
+        as a sampler's forward gets it."""
+        kwargs = self.batch(ids, encoded)
+        with _latent_shapes_told(patcher.model, self.latent_shapes(ids[0])):
+            return patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options or {}, **kwargs)
 
 
 def _on(value, device: torch.device):
@@ -275,8 +342,7 @@ def denoiser(patcher, conditioning: SampleConditioning):
     unchecked = conditioning.unchecked
 
     def apply(x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int], encoded: list[dict]) -> torch.Tensor:
-        kwargs = conditioning.batch(ids, encoded)
-        return patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options, **kwargs)
+        return conditioning.forward(patcher, x_t, sigma, ids, encoded, transformer_options)
 
     def batched(x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int]) -> torch.Tensor:
         encoded = [conditioning.encode(i) for i in ids]

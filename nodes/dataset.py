@@ -16,6 +16,7 @@ from ..lora.finite import first_non_finite
 from ..training import streamed_safetensors
 from ..training.dataset_file import plan, shards, unpack
 from ..training.mapped_safetensors import MappedFileError, open_mapped
+from ..training.streams import Streams
 from . import inputs, process_group
 from .companions import confined
 from .safe_files import inside, listed
@@ -90,6 +91,9 @@ class SaveTrainingDataset:
         if not process_group.writes_files():
             return process_group.skipped("the data set")
         samples = inputs.latent_samples(latents)
+        if any(isinstance(sample, Streams) for sample in samples):
+            raise ValueError("latents: a latent of several streams (e.g. LTX-2's audio+video) cannot be saved as a "
+                             "data set yet; connect it to Train LoRA directly")
         captions = inputs.captions_for(positive, len(samples))
         directory, stem = confined(dataset_dir(), inputs.one(name, "name"), "name")
         shard_gb = DEFAULT_SHARD_GB if shard_size_gb is None else inputs.one(shard_size_gb, "shard_size_gb")

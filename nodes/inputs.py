@@ -8,6 +8,7 @@ import torch
 
 from ..lora.finite import first_non_finite
 from ..training.mapped_safetensors import release
+from ..training.streams import Streams
 
 
 def one(values, name: str):
@@ -19,33 +20,52 @@ def one(values, name: str):
     return values
 
 
-def latent_samples(latents, model_dims: tuple[int, str] | None = None) -> list[torch.Tensor]:
+def latent_samples(latents, model_dims: tuple[int, str] | None = None) -> list[torch.Tensor | Streams]:
     """Every image of one LATENT batch or of a list of LATENTs, as single latents (C, [T,] H, W), or (C, N) for 3-D
-    shape models. ``model_dims`` = (spatial dimensions, model name) the model takes: each item is checked against it
-    before anything runs, so a wrong latent is blamed on ``latents``, not on a crash inside the model.
+    shape models; a latent of several streams (ComfyUI's NestedTensor, e.g. LTX-2's audio+video) gives each image's
+    streams as one ``Streams``. ``model_dims`` = (spatial dimensions, model name) the model takes: each item (its
+    first stream) is checked against it before anything runs, so a wrong latent is blamed on ``latents``, not on a
+    crash inside the model.
 
     The latents are views of the inputs, never copies (a data set may be larger than RAM, memory-mapped from its
     file): whoever uses one copies what it needs, and nothing writes into them. What the checks read of a
     memory-mapped data set is released again, so they leave resident memory as it was."""
     items = latents if isinstance(latents, list) else [latents]
-    out: list[torch.Tensor] = []
+    out: list[torch.Tensor | Streams] = []
     for i, item in enumerate(items):
-        samples = item.get("samples") if isinstance(item, dict) else None
-        if not torch.is_tensor(samples):
-            raise ValueError(f"latents: item {i} is not a LATENT (no 'samples' tensor)")
+        streams = _streams(i, item.get("samples") if isinstance(item, dict) else None)
+        samples = streams[0]
         if samples.ndim not in (3, 4, 5):
             raise ValueError(f"latents: item {i} has shape {tuple(samples.shape)}; expected 4-D images, 5-D video "
                              "or 3-D shape latents (Hunyuan 3D)")
         if model_dims is not None:
             _check_dims(i, tuple(samples.shape), *model_dims)
         for b in range(samples.shape[0]):
-            if first_non_finite(samples[b]):
-                raise ValueError(f"latents: item {i}, image {b} holds NaN or infinite values")
-            release(samples[b])
-        out.extend(samples[b] for b in range(samples.shape[0]))
+            image = tuple(t[b] for t in streams)
+            if where := first_non_finite(image if len(image) > 1 else image[0]):
+                stream = f" (stream {where.strip('[]')})" if len(image) > 1 else ""
+                raise ValueError(f"latents: item {i}, image {b}{stream} holds NaN or infinite values")
+            release(*image)
+            out.append(Streams(image) if len(image) > 1 else image[0])
     if not out:
         raise ValueError("latents: the data set is empty (0 images)")
     return out
+
+
+def _streams(i: int, samples) -> list[torch.Tensor]:
+    """The tensors of item i's ``samples``: the tensor itself, or each stream of a latent of several (ComfyUI's
+    NestedTensor), batches of equally many images."""
+    if torch.is_tensor(samples):
+        return [samples]
+    if not (getattr(samples, "is_nested", False) and callable(getattr(samples, "unbind", None))):
+        raise ValueError(f"latents: item {i} is not a LATENT (no 'samples' tensor)")
+    streams = list(samples.unbind())
+    if not streams or not all(torch.is_tensor(t) and t.ndim >= 3 for t in streams):
+        raise ValueError(f"latents: item {i} is a latent of streams that are not all batches of latents")
+    if len({t.shape[0] for t in streams}) != 1:
+        raise ValueError(f"latents: item {i} has streams of different batch sizes "
+                         f"({', '.join(str(tuple(t.shape)) for t in streams)})")
+    return streams
 
 
 def _check_dims(i: int, shape: tuple[int, ...], dims: int, model: str) -> None:

@@ -15,6 +15,7 @@ from ..lora.file_format import LoraWeights, save_new
 from ..training import train_state
 from ..training.train_state import StateError, TrainState
 from ..training.mapped_safetensors import release
+from ..training.streams import Streams, parts
 from . import events, lora_files, process_group
 from .companions import confined
 from .safe_files import inside, read_safetensors
@@ -23,13 +24,15 @@ from .training_options import RunOptions, states_dir
 log = logging.getLogger("lora_trainer")
 
 
-def data_fingerprint(samples: list[torch.Tensor], captions: int) -> str:
-    """A digest of the training latents (values and shapes) and the caption count: a resume must see the same data."""
+def data_fingerprint(samples: list[torch.Tensor | Streams], captions: int) -> str:
+    """A digest of the training latents (values and shapes; each stream's of a latent of several) and the caption
+    count: a resume must see the same data."""
     digest = hashlib.sha256(f"{captions} captions".encode())
     for sample in samples:
-        digest.update(str(tuple(sample.shape)).encode())
-        digest.update(sample.detach().float().contiguous().cpu().numpy().tobytes())
-        release(sample)
+        for tensor in parts(sample):
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+            release(tensor)
     return digest.hexdigest()[:16]
 
 

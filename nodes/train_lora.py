@@ -203,7 +203,7 @@ class TrainLoRA:
                 return LoraWeights(tensors, metadata, naming=naming, record=record)
 
             saves = run_saves.IntermediateSaves(run, lora_at, previous, identity, node_id, validated, resumed.saves)
-            conditioning = comfy_bridge.SampleConditioning(clone, captions, x0.shapes, device, seed)
+            conditioning = comfy_bridge.SampleConditioning(clone, captions, x0.shapes, device, seed, x0.layouts)
             conditioning.check(clone, x0)
             schedule = comfy_bridge.ComfySchedule(clone.model.model_sampling, device)
             for group in groups:  # options the model cannot use are refused before any step, naming the option
@@ -211,8 +211,8 @@ class TrainLoRA:
             if validation_samples is not None:
                 with inputs.as_validation_data():
                     validation_x0 = comfy_bridge.ModelSpaceLatents(clone, validation_samples)
-                    validation_conditioning = comfy_bridge.SampleConditioning(clone, validation_captions,
-                                                                              validation_x0.shapes, device, seed)
+                    validation_conditioning = comfy_bridge.SampleConditioning(
+                        clone, validation_captions, validation_x0.shapes, device, seed, validation_x0.layouts)
                     validation_conditioning.check(clone, validation_x0)
                 validation = Validation(validation_x0.groups(), schedule, seed + 1, device=device)
                 validation_denoise = comfy_bridge.denoiser(clone, validation_conditioning)

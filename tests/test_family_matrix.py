@@ -22,7 +22,7 @@ import workflows as wfs
 from lora import consumers
 from tests.tiers import fast_cases
 
-pytestmark = pytest.mark.slow("69 families, up to 0.5 B parameters each (several minutes in all); the fast tier keeps one of each kind")
+pytestmark = pytest.mark.slow("70 families, up to 0.5 B parameters each (several minutes in all); the fast tier keeps one of each kind")
 
 # Beyond this, one family needs minutes and several GB (fp32 on the CPU, plus ComfyUI's patch backups) on CI's
 # 2-core, 24 GB machine. FAMILY_MATRIX_MAX_PARAMETERS lowers it on slower machines (or raises it on bigger ones).
@@ -105,6 +105,13 @@ def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
     print(f"{name}: {built.parameters / 1e6:.1f} M parameters (width {built.width}, {training_dtype(built)}); "
           f"file {generated - start:.1f} s, prompt {time.monotonic() - generated:.1f} s")
 
+    check_matrix_run(server, entry, log, name)
+    check_diffusers_round_trip(server, matrix(path, name, built), name, big=built.parameters > BIG_PARAMETERS)
+
+
+def check_matrix_run(server, entry: dict, log: str, save_name: str) -> None:
+    """What a matrix prompt (``matrix``) must have done: every LoRA key loaded, both LoRAs change the model's output,
+    the options run saved after step 1 (as ``save_name``), the saved files act as model_with_lora."""
     for failure in LOG_FAILURES:
         assert failure not in log, next(line for line in log.splitlines() if failure in line)
     for tag in ("ckpt", "plain"):
@@ -113,12 +120,45 @@ def test_family_trains_and_its_lora_loads_and_acts(server, cache_dir, name):
     # the Training Options run (DoRA, rsLoRA, EMA, schedule, clipping, logit-normal, noise offset) saved after step 1
     assert entry["outputs"]["train_plain"]["lora_trainer_saves"] == [1]
     for folder in ("models/loras", "output/training_states"):
-        assert (server.base_dir / folder / "matrix" / f"{name}_1_steps_00001.safetensors").is_file(), folder
+        assert (server.base_dir / folder / "matrix" / f"{save_name}_1_steps_00001.safetensors").is_file(), folder
     # the saved files (plain LoRA; DoRA + rsLoRA) reloaded by ComfyUI's own loader act exactly as model_with_lora
     for tag in ("ckpt", "plain"):
         rel = entry["outputs"][f"cmp_saved_{tag}"]["rel_diff"][0]
         assert rel < 1e-3, f"saved file of the {tag} run: output differs from model_with_lora by {rel}"
-    check_diffusers_round_trip(server, matrix(path, name, built), name, big=built.parameters > BIG_PARAMETERS)
+
+
+def with_av_latents(wf: dict, name: str) -> dict:
+    """A matrix workflow on the family's audio+video latents: its video latents and seeded audio latents joined by
+    ComfyUI's own LTXVConcatAVLatent (a NestedTensor of both streams), which every training and comparison reads
+    instead; the options run saves as ``<name>_av``."""
+    wf = {node: {**spec, "inputs": {k: ["av", 0] if v == ["data", 0] else v for k, v in spec["inputs"].items()}}
+          for node, spec in wf.items()}
+    wf["audio"] = {"class_type": "LoraTrainerTest_FamilyAudio", "inputs": {"family": name, "count": 2, "seed": 7}}
+    wf["av"] = {"class_type": "LTXVConcatAVLatent", "inputs": {"video_latent": ["data", 0],
+                                                               "audio_latent": ["audio", 0]}}
+    wf["options"]["inputs"]["save_prefix"] = f"matrix/{name}_av"
+    return wf
+
+
+@pytest.mark.parametrize("name", [f.name for f in fm.FAMILIES if f.audio is not None])
+def test_family_trains_on_audio_and_video_latents(server, cache_dir, name):
+    """The matrix of an audio+video family (LTX-2) on latents of both streams, as ComfyUI's own nodes make them: both
+    trainings (with every option: the noise offset per stream's channel) and their LoRAs, loaded by LoraModelLoader
+    with every key, change the output of the video and of the audio stream; the saved files act as
+    model_with_lora."""
+    family = fm.BY_NAME[name]
+    reason = untestable_reason(family)
+    if reason:
+        pytest.skip(reason)
+    built = fm.build(family)
+    wf = with_av_latents(matrix(installed(server, family, built, cache_dir), name, built), name)
+    server.free()
+    log_start = len(server.log_text())
+    entry = server.run(server.with_defaults(wf))
+    check_matrix_run(server, entry, server.log_text()[log_start:], f"{name}_av")
+    for tag in ("ckpt", "plain"):
+        streams = entry["outputs"][f"cmp_{tag}"]["rel_diff_streams"]
+        assert len(streams) == 2 and min(streams) > 0, f"checkpointing {tag}: the LoRA changes each stream: {streams}"
 
 
 def check_diffusers_round_trip(server, wf: dict, name: str, big: bool) -> None:
@@ -146,11 +186,14 @@ def check_diffusers_round_trip(server, wf: dict, name: str, big: bool) -> None:
         assert rel < 1e-3, f"{fmt} file: output differs from model_with_lora by {rel}"
 
 
-@pytest.mark.parametrize("name", ["wan21_t2v", "hunyuan_video", "ltxv"])
+@pytest.mark.parametrize("name", ["wan21_t2v", "hunyuan_video", "ltxv", "ltxav"])
 def test_video_trains_on_clips_of_different_lengths(server, cache_dir, name):
     """A list of clips of 2 and 3 latent frames, each with its own caption, trains at the defaults (they go to
     different same-shape groups); the LoRA changes the model's output on both clips."""
     family = fm.BY_NAME[name]
+    reason = untestable_reason(family)
+    if reason:
+        pytest.skip(reason)
     path = installed(server, family, fm.build(family), cache_dir)
     wf = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": path.name, "weight_dtype": "default"}},
           "data": {"class_type": "LoraTrainerTest_VideoClips", "inputs": {"family": name, "frames": "2,3", "seed": 0}}}

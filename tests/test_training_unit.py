@@ -1,5 +1,5 @@
 """Unit tests of the pure-PyTorch ``training`` package: checkpointing, data order, objectives, the loop, the data-set
-file. No ComfyUI and no server: tiny models on the CPU."""
+file, latents of several streams. No ComfyUI and no server: tiny models on the CPU."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,9 @@ from lora.adapter_set import AdapterSet  # noqa: E402
 from lora.injection import attached  # noqa: E402
 from training import checkpointing, data, dataset_file, loop, objectives, optimizers  # noqa: E402
 from training.flat_params import FlatParams  # noqa: E402
+from training.streams import Layout, Streams, parts  # noqa: E402
 from training.timesteps import TimestepSampling  # noqa: E402
+from training.validation import Validation  # noqa: E402
 
 pytestmark = pytest.mark.fast
 
@@ -634,3 +636,90 @@ def test_dataset_unpack_rejects_broken_manifest(manifest):
     metadata = {} if manifest is None else {"manifest": manifest}
     with pytest.raises(ValueError, match="'my_set'"):
         dataset_file.unpack(tensors, metadata, "my_set")
+
+
+# -- latents of several streams (e.g. LTX-2's video + audio), packed as ComfyUI's samplers pack them ---------------
+VIDEO, AUDIO = (4, 2, 3, 3), (2, 5, 4)  # one sample's streams (C, T, H, W) and (C, T, F)
+
+
+def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Batches of each stream as one (n, 1, N) row each, the layout of ComfyUI's samplers."""
+    return torch.cat([t.reshape(t.shape[0], 1, -1) for t in tensors], dim=-1)
+
+
+def test_a_sample_of_streams_reports_its_first_stream_and_its_parts():
+    video, audio = torch.zeros(VIDEO), torch.zeros(AUDIO)
+    sample = Streams([video, audio])
+    assert sample.shape == video.shape, "the first stream's shape, as ComfyUI's NestedTensor reports it"
+    assert sample.shapes == (VIDEO, AUDIO)
+    assert parts(sample) == (video, audio) and parts(video) == (video,)
+    with pytest.raises(ValueError):
+        Streams([])
+
+
+def test_noise_is_drawn_per_stream_with_its_own_channel_offsets_then_packed():
+    layout = Layout((VIDEO, AUDIO), pack)
+    sampling = TimestepSampling(noise_offset=10.0)  # large: each channel's offset dominates its noise
+    noise = layout.noise(3, sampling.noise, gen(4))
+    assert noise.shape == (3, 1, layout.size)
+    g = gen(4)
+    video, audio = sampling.noise((3, *VIDEO), g), sampling.noise((3, *AUDIO), g)
+    assert torch.equal(noise, pack([video, audio])), "stream by stream, in stream order, from one generator"
+    got_audio = noise[:, 0, math.prod(VIDEO):].reshape(3, *AUDIO)
+    spread = got_audio.flatten(2).std(-1).max()  # within a channel: the unit noise
+    between = got_audio.flatten(2).mean(-1).std()  # between the audio stream's channels: their own offsets
+    assert spread < 3 < between
+
+
+def test_groups_keep_different_streams_apart_even_at_one_packed_length():
+    a, b = Layout(((2, 3), (1, 4)), pack), Layout(((1, 6), (1, 4)), pack)  # both pack into (1, 10)
+    shapes = [(1, 10), (1, 10), (1, 10), (1, 10)]
+    groups = data.groups_of(shapes, lambda ids: torch.zeros(len(ids), 1, 10), [a, b, a, None])
+    assert [(g.sample_ids, g.layout) for g in groups] == [([0, 2], a), ([1], b), ([3], None)]
+    with pytest.raises(ValueError):  # one layout per sample
+        data.groups_of(shapes, lambda ids: None, [a])
+
+
+def test_a_plain_group_draws_its_noise_as_before():
+    group = data.groups_of([(3, 4, 4)], lambda ids: torch.zeros(len(ids), 3, 4, 4))[0]
+    assert torch.equal(group.noise(2, lambda s, g: torch.randn(s, generator=g), gen(1)),
+                       torch.randn((2, 3, 4, 4), generator=gen(1)))
+    validation = Validation([group], EpsSchedule((0.25, 0.5, 1.0, 2.0)), seed=5, points=4)
+    assert torch.equal(validation.noise[0], torch.randn((4, 1, 3, 4, 4), generator=gen(5)))
+
+
+def streams_problem():
+    """Four clips of video + audio streams, packed rows in the model's space; a frozen linear predictor over the
+    packed row, with an adapter."""
+    layout = Layout((VIDEO, AUDIO), pack)
+    g = gen(200)
+    rows = pack([torch.randn(4, *VIDEO, generator=g), torch.randn(4, *AUDIO, generator=g)])
+    groups = data.groups_of([(1, layout.size)] * 4, lambda ids: rows[ids], [layout] * 4)
+    net = nn.Linear(layout.size, layout.size)
+    net.requires_grad_(False)
+    with torch.no_grad():
+        net.weight.copy_(torch.randn(net.weight.shape, generator=gen(100)) * 0.02)
+    return net, AdapterSet.create(net, "LoRA", 4, 0.0, gen(0)), groups
+
+
+def test_the_loop_trains_on_packed_streams_noised_stream_by_stream():
+    net, adapters, groups = streams_problem()
+    schedule = EpsSchedule((0.25, 0.5, 1.0, 2.0))
+    sampling = TimestepSampling(noise_offset=0.1)
+    seen = []
+
+    def denoise(x_t, sigma, ids):
+        seen.append(x_t.detach().clone())
+        return schedule.denoised(x_t, sigma, net(x_t))
+
+    settings = loop.Settings(steps=6, batch_size=2, learning_rate=0.02, optimizer="Adam", timesteps=sampling)
+    with attached(net, adapters):
+        result = loop.train(adapters.trainable(), groups, denoise, schedule, settings, gen(3))
+    assert result.steps_done == 6 and all(math.isfinite(v) for v in result.losses)
+    assert all(x.shape == (2, 1, groups[0].layout.size) for x in seen), "the model gets the packed rows"
+    # the first micro-batch replayed by hand: its noise is each stream's, packed
+    g = gen(3)
+    group, rows = next(data.micro_batches(groups, 2, g))
+    noise = group.layout.noise(len(rows), sampling.noise, g)
+    sigma = sampling.sigmas(schedule, len(rows), g, (len(rows), *group.shape))
+    torch.testing.assert_close(seen[0], schedule.noisy(sigma, noise, group.rows(rows)))

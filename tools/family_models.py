@@ -12,6 +12,7 @@ Building needs ComfyUI's ``comfy`` package importable; the data builders (latent
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ class Family:
     attention_mask: bool = False  # an integer attention_mask over the caption tokens
     concat: int = 0  # channels of a start-image latent (+ mask), as image-to-video conditioning nodes add
     untestable: str = ""  # why this family cannot be trained here (then it is skipped with this reason)
+    # The transformer settings detection reads from the file's "config" metadata (as real LTX-2 files carry them):
+    # they size what detection fixes otherwise (LTX-2's 3840-wide caption connectors, its 2048-wide audio stream).
+    config: dict[str, Any] = field(default_factory=dict)
+    audio: tuple[int, ...] | None = None  # one audio latent (C, T, F) of an audio+video family (its second stream)
 
 
 # -- probes: the keys each branch of comfy/model_detection.py reads ----------------------------------------------
@@ -264,6 +269,16 @@ FAMILIES: tuple[Family, ...] = (
     Family("ltxv", "LTXV", lambda w: {"adaln_single.emb.timestep_embedder.linear_1.bias": (1,),
                                       "transformer_blocks.0.attn2.to_k.weight": (w, w)},
            (192, 384, 768, 1536), (128, 2, 4, 4), 4096, attention_mask=True),
+    # LTX-2 (audio+video): detection fixes 3840-wide caption connectors and a 2048-wide audio stream (0.87 B) unless
+    # the file's config metadata sizes them, as real LTX-2 files do: 2 heads everywhere, one block, one connector layer.
+    # Captions are raw text-encoder features (the model's connectors process them); audio latents are 8 x T x 16.
+    Family("ltxav", "LTXAV", lambda w: {"adaln_single.emb.timestep_embedder.linear_1.bias": (1,),
+                                        "audio_adaln_single.linear.weight": (1,),
+                                        "transformer_blocks.0.attn2.to_k.weight": (w, w)},
+           (64,), (128, 2, 4, 4), 64, extras={"unprocessed_ltxav_embeds": True}, audio=(8, 5, 16),
+           config={"num_attention_heads": 2, "attention_head_dim": 32, "audio_num_attention_heads": 2,
+                   "audio_attention_head_dim": 16, "audio_cross_attention_dim": 32, "caption_channels": 64,
+                   "connector_num_attention_heads": 2, "connector_attention_head_dim": 32, "connector_num_layers": 1}),
     Family("wan21_t2v", "WAN21_T2V", _wan(), (128,), (16, 2, 8, 8), 4096),
     Family("wan21_i2v", "WAN21_I2V", _wan(in_dim=36, **WAN_CLIP), (128,), (16, 2, 8, 8), 4096, concat=16),
     Family("wan22_ti2v", "WAN22_T2V", _wan(in_dim=48, out_dim=48), (128,), (48, 2, 8, 8), 4096),
@@ -364,12 +379,18 @@ class Built:
     parameters: int
 
 
-def detect(shapes: Shapes) -> tuple[str, Shapes]:
-    """(detected class name, the state-dict shapes of the model ComfyUI builds) for a state dict of these shapes."""
+def metadata(family: Family) -> dict[str, str] | None:
+    """The safetensors metadata of the family's file: its transformer ``config``, where it has one."""
+    return {"config": json.dumps({"transformer": family.config}, sort_keys=True)} if family.config else None
+
+
+def detect(shapes: Shapes, file_metadata: dict[str, str] | None = None) -> tuple[str, Shapes]:
+    """(detected class name, the state-dict shapes of the model ComfyUI builds) for a state dict of these shapes
+    (and a file with this metadata)."""
     import comfy.model_detection
 
     sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    config = comfy.model_detection.model_config_from_unet(sd, "")
+    config = comfy.model_detection.model_config_from_unet(sd, "", metadata=file_metadata)
     if config is None:
         return "", {}
     try:  # weights on the meta device; the model's sampling schedule stays real (Cascade's is slow on meta)
@@ -386,8 +407,8 @@ def build(family: Family) -> Built:
     reasons = []
     for width in family.widths:
         try:
-            name, shapes = detect(family.probe(width))
-            again = detect(shapes) if name == family.detected_as else ("", {})
+            name, shapes = detect(family.probe(width), metadata(family))
+            again = detect(shapes, metadata(family)) if name == family.detected_as else ("", {})
         except Exception as e:  # ComfyUI's builder rejects this width (e.g. width not a multiple of its fixed heads)
             reasons.append(f"width {width}: {type(e).__name__}: {e}")
             continue
@@ -403,14 +424,16 @@ def build(family: Family) -> Built:
 def write(family: Family, built: Built, directory: Path, seed: int = 0) -> Path:
     """The family's model file in ``directory`` (written once, atomically; bf16). The name carries a digest of the
     layout, so a ComfyUI or probe change that alters the model never reuses a stale cached file."""
-    layout = hashlib.sha256(repr(sorted(built.shapes.items())).encode()).hexdigest()[:10]
+    meta = metadata(family)
+    described = repr(sorted(built.shapes.items())) + (repr(meta) if meta else "")  # files without metadata: as before
+    layout = hashlib.sha256(described.encode()).hexdigest()[:10]
 
     def tensors(seed: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
         return {k: tiny_models.seeded_tensor(built.shapes[k], gen).to(torch.bfloat16) for k in sorted(built.shapes)}
 
     return tiny_models.write_model(directory / f"{family.name}_w{built.width}_{layout}_s{seed}.safetensors", tensors,
-                                   seed)
+                                   seed, meta)
 
 
 # -- training data ----------------------------------------------------------------------------------------------------
@@ -423,6 +446,13 @@ def latents(family: Family, count: int, seed: int) -> torch.Tensor:
     if not frames:
         return images
     return torch.stack([images.roll(t, dims=-1) for t in range(frames[0])], dim=2)
+
+
+def audio_latents(family: Family, count: int, seed: int) -> torch.Tensor:
+    """``count`` seeded audio latents (C, T, F) of an audio+video family, with structure over time and frequency."""
+    if family.audio is None:
+        raise ValueError(f"{family.name} has no audio stream")
+    return tiny_models.smooth_latents(count, *family.audio, seed)
 
 
 def conditioning(family: Family, count: int, seed: int) -> list:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .streams import DrawFn, Layout
+
 
 class DataError(ValueError):
     """Training data that cannot be trained on (an empty data set)."""
@@ -27,9 +29,10 @@ LoadFn = Callable[[list[int]], torch.Tensor]
 class Group:
     """Samples that share one latent shape, so they can be stacked into one batch."""
 
-    shape: tuple[int, ...]  # one sample's latent shape (C, [T,] H, W), in the model's latent space
+    shape: tuple[int, ...]  # one sample's latent shape (C, [T,] H, W), in the model's latent space (packed: see layout)
     sample_ids: list[int]  # position of each row in the whole data set (its caption index)
     load: LoadFn
+    layout: Layout | None = None  # the streams packed into each row, for a latent of several (training.streams)
 
     def rows(self, rows: list[int]) -> torch.Tensor:
         """The latents of these rows of the group, stacked (where the data set waits; the caller moves them)."""
@@ -38,15 +41,24 @@ class Group:
     def all(self) -> torch.Tensor:
         return self.load(self.sample_ids)
 
+    def noise(self, n: int, draw: DrawFn, generator: torch.Generator) -> torch.Tensor:
+        """Noise for ``n`` rows: ``draw((n, *shape), generator)``, or, for packed streams, each stream's own
+        (with its own per-channel offset), packed like the latents."""
+        return draw((n, *self.shape), generator) if self.layout is None else self.layout.noise(n, draw, generator)
 
-def groups_of(shapes: Sequence[tuple[int, ...]], load: LoadFn) -> list[Group]:
-    """Groups of a data set whose sample i has latent shape ``shapes[i]``, each loading its rows with ``load``."""
+
+def groups_of(shapes: Sequence[tuple[int, ...]], load: LoadFn,
+              layouts: Sequence[Layout | None] | None = None) -> list[Group]:
+    """Groups of a data set whose sample i has latent shape ``shapes[i]`` (and, packed from streams,
+    ``layouts[i]``), each loading its rows with ``load``. Samples of different streams never share a group, even
+    where their packed rows are equally long."""
     if not shapes:
         raise DataError("latents: the data set is empty")
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, shape in enumerate(shapes):
-        by_shape.setdefault(tuple(shape), []).append(i)
-    return [Group(shape, ids, load) for shape, ids in by_shape.items()]
+    layouts = layouts if layouts is not None else [None] * len(shapes)
+    by_shape: dict[tuple[tuple[int, ...], Layout | None], list[int]] = {}
+    for i, (shape, layout) in enumerate(zip(shapes, layouts, strict=True)):
+        by_shape.setdefault((tuple(shape), layout), []).append(i)
+    return [Group(shape, ids, load, layout) for (shape, layout), ids in by_shape.items()]
 
 
 def group_by_shape(samples: Sequence[torch.Tensor]) -> list[Group]:

@@ -154,7 +154,7 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
                 group, rows = next(batches)
                 shape = (len(rows), *group.shape)
                 # drawn for the whole global batch on every rank, so each rank's share is what one process draws
-                noise = settings.timesteps.noise(shape, generator)
+                noise = group.noise(len(rows), settings.timesteps.noise, generator)
                 sigma = settings.timesteps.sigmas(schedule, len(rows), generator, shape)
                 mine = ranks.share(len(rows))
                 if mine.stop > mine.start:

@@ -14,6 +14,10 @@ DenoiseFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
 POINTS = 4  # noise levels per latent: evenly spaced quantiles of the model's sigma table
 
 
+def _gaussian(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator)
+
+
 class Validation:
     def __init__(self, groups: list[Group], schedule: objectives.Schedule, seed: int, points: int = POINTS,
                  device: torch.device | None = None):
@@ -23,7 +27,10 @@ class Validation:
         generator = torch.Generator().manual_seed(seed)
         self.groups = groups
         self.device = device  # the training device the latents go to per evaluation (None: where they are)
-        self.noise = [torch.randn((points, len(g.sample_ids), *g.shape), generator=generator) for g in groups]
+        self.noise = []
+        for g in groups:  # points · n rows: for a plain latent the same values as one (points, n, ...) draw
+            n = len(g.sample_ids)
+            self.noise.append(g.noise(points * n, _gaussian, generator).reshape(points, n, *g.shape))
 
     def loss(self, sample_loss: Callable[..., torch.Tensor], denoise: DenoiseFn) -> float:
         """The mean per-sample loss over every latent and noise level. ``sample_loss(denoise, x0, ids, noise, sigma)``

@@ -131,12 +131,19 @@ class CompareModels:
 
     def run(self, model_a, model_b, latents, positive, nonce, points=3):
         import hashlib
+        import math
 
-        a, _ = eval_loss.denoised_and_errors(model_a, latents["samples"], positive, 5, points=points)
-        b, _ = eval_loss.denoised_and_errors(model_b, latents["samples"], positive, 5, points=points)
-        rel = float((a - b).norm() / a.norm().clamp_min(1e-12))
+        samples = latents["samples"]
+        a, _ = eval_loss.denoised_and_errors(model_a, samples, positive, 5, points=points)
+        b, _ = eval_loss.denoised_and_errors(model_b, samples, positive, 5, points=points)
+        rel = lambda x, y: float((x - y).norm() / x.norm().clamp_min(1e-12))
         digest = lambda t: hashlib.sha256(t.numpy().tobytes()).hexdigest()
-        return {"ui": {"rel_diff": [rel], "digest_a": [digest(a)], "digest_b": [digest(b)]}}
+        ui = {"rel_diff": [rel(a, b)], "digest_a": [digest(a)], "digest_b": [digest(b)]}
+        if getattr(samples, "is_nested", False):  # packed rows of streams: the difference on each stream as well
+            sizes = [math.prod(t.shape[1:]) for t in samples.unbind()]
+            ui["rel_diff_streams"] = [rel(x, y) for x, y in zip(a.flatten(1).split(sizes, 1),
+                                                                b.flatten(1).split(sizes, 1))]
+        return {"ui": ui}
 
 
 NODE_CLASS_MAPPINGS = {
@@ -154,10 +161,11 @@ NODE_CLASS_MAPPINGS.update({
     "LoraTrainerTest_TrainingPairs": TrainingPairs,
 })
 
-from .family_data import FamilyData, VideoClips  # noqa: E402
+from .family_data import FamilyAudio, FamilyData, VideoClips  # noqa: E402
 
 NODE_CLASS_MAPPINGS["LoraTrainerTest_FamilyData"] = FamilyData
 NODE_CLASS_MAPPINGS["LoraTrainerTest_VideoClips"] = VideoClips
+NODE_CLASS_MAPPINGS["LoraTrainerTest_FamilyAudio"] = FamilyAudio
 
 from .poison import PoisonLora  # noqa: E402
 

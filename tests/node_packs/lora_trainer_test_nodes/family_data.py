@@ -24,6 +24,24 @@ class FamilyData:
                 family_models.conditioning(spec, count, seed + 1))
 
 
+class FamilyAudio:
+    """``count`` seeded audio latents of an audio+video family (its second stream), as an audio LATENT: ComfyUI's
+    own LTXVConcatAVLatent joins them with the video latents into the family's audio+video LATENT."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": ([f.name for f in family_models.FAMILIES if f.audio is not None],),
+                             "count": ("INT", {"default": 2, "min": 1, "max": 16}),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, family, count, seed):
+        return ({"samples": family_models.audio_latents(family_models.BY_NAME[family], count, seed), "type": "audio"},)
+
+
 class VideoClips:
     """One seeded clip per frame count in ``frames`` (e.g. "2,3"), each its own LATENT with its own caption: a
     list of 5-D latents of mixed lengths, as a folder of clips gives."""
