@@ -78,10 +78,10 @@ def tiny_wan_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def write_model(path: Path, state_dict_fn, seed: int = 0) -> Path:
-    """Saves ``state_dict_fn(seed)`` at ``path`` once (e.g. where "Load Diffusion Model" finds it). Atomic and safe
-    when several processes (pytest-xdist workers) fill the same cache at once: each writes its own temporary file and
-    the last rename wins with the same bytes."""
+def write_model(path: Path, state_dict_fn, seed: int = 0, metadata: dict[str, str] | None = None) -> Path:
+    """Saves ``state_dict_fn(seed)`` at ``path`` once (e.g. where "Load Diffusion Model" finds it), with the file's
+    safetensors ``metadata``. Atomic and safe when several processes (pytest-xdist workers) fill the same cache at
+    once: each writes its own temporary file and the last rename wins with the same bytes."""
     import os
 
     import safetensors.torch
@@ -89,7 +89,7 @@ def write_model(path: Path, state_dict_fn, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        safetensors.torch.save_file(state_dict_fn(seed), str(tmp))
+        safetensors.torch.save_file(state_dict_fn(seed), str(tmp), metadata=metadata)
         tmp.replace(path)
     return path
 
