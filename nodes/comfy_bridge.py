@@ -123,6 +123,22 @@ def pixels_per_latent(patcher) -> int:
     return int(getattr(patcher.model.latent_format, "spacial_downscale_ratio", 8))
 
 
+# Samplings whose model input is a source latent, not noise (image-to-image models: Lotus, FlowRVS)
+IMAGE_TO_IMAGE = ("IMG_TO_IMG", "IMG_TO_IMG_FLOW")
+
+
+def check_trainable(patcher) -> None:
+    """An error on ``model`` for a model the trainer's objectives cannot train: an image-to-image model starts from a
+    source latent instead of noise and moves it to a target, so it trains on (source, target) pairs. With noise in
+    place of the source it would train without an error on an objective it never uses (learning the identity)."""
+    for name in IMAGE_TO_IMAGE:
+        cls = getattr(comfy.model_sampling, name, None)  # IMG_TO_IMG_FLOW is newer than 0.3.75
+        if cls is not None and isinstance(patcher.model.model_sampling, cls):
+            raise ValueError(f"model: this {base_model_name(patcher)} model maps a source latent to a target "
+                             f"(ComfyUI's {name} sampling: its input is the source, not noise); training it needs "
+                             "(source, target) latent pairs, which this trainer does not take")
+
+
 def latent_dims(patcher) -> tuple[int, str]:
     """(spatial dimensions, model name) of the latents the model takes, from its latent format."""
     return getattr(patcher.model.latent_format, "latent_dimensions", 2), base_model_name(patcher)

@@ -115,6 +115,7 @@ class TrainLoRA:
                existing_lora, alpha=0.0, module_filter="", train_biases_and_norms=False, options=None):
         run = RunOptions.of(options)
         started_at = time.time()
+        comfy_bridge.check_trainable(model)
         samples = inputs.latent_samples(latents, comfy_bridge.latent_dims(model))
         captions = inputs.captions_for(positive, len(samples))
         inputs.check_pairing(latents, positive)

@@ -45,6 +45,11 @@ class Family:
     # they size what detection fixes otherwise (LTX-2's 3840-wide caption connectors, its 2048-wide audio stream).
     config: dict[str, Any] = field(default_factory=dict)
     audio: tuple[int, ...] | None = None  # one audio latent (C, T, F) of an audio+video family (its second stream)
+    # the file's safetensors metadata: detection reads a variant its keys do not tell apart from a "config" entry
+    metadata: dict[str, str] = field(default_factory=dict)
+    # weights the file holds beside the diffusion model's, which ComfyUI's loader reads from the same file (Stable
+    # Audio's seconds embedders); they load into the model's own modules, not the diffusion model
+    outside: Shapes = field(default_factory=dict)
 
 
 # -- probes: the keys each branch of comfy/model_detection.py reads ----------------------------------------------
@@ -89,7 +94,7 @@ def _mmdit(*extra: str) -> Callable[[int], Shapes]:
 def _flux(*, channels: int = 16, guidance: bool = True, pooled: bool = True, marker: str = "", context: int = 64,
           pooled_width: int = 64) -> Callable[[int], Shapes]:
     """Flux-style double/single-stream DiTs, depth 1 + 1 (``marker`` adds the key of a variant: Chroma, Flux 2).
-    ``context`` and ``pooled_width``: the text encoder's output widths the model takes."""
+    ``context`` and ``pooled_width``: the text encoder's output widths the model takes (3584 for LongCat-Image)."""
     patch = 1 if marker.startswith("double_stream") else 2
     def probe(width: int) -> Shapes:
         shapes = {"img_in.weight": (width, channels * patch * patch), "txt_in.weight": (width, context),
@@ -192,6 +197,72 @@ def _hunyuan3d(depth: int = 1) -> Callable[[int], Shapes]:
 def _pixart(max_caption: int, *extra: str) -> Callable[[int], Shapes]:
     return lambda width: {"t_block.1.weight": (width * 6, width), **_count("blocks."),
                           "y_embedder.y_embedding": (max_caption, 4096), **{k: (1,) for k in extra}}
+
+
+def _kandinsky5(visual_inputs: int) -> Callable[[int], Shapes]:
+    """Kandinsky 5: one text and one visual block; ``visual_inputs`` = latent (+ concat) channels x 2 x 2."""
+    return lambda width: {"visual_transformer_blocks.0.cross_attention.key_norm.weight": (1,),
+                          "visual_embeddings.in_layer.bias": (width,), "visual_embeddings.in_layer.weight":
+                          (width, visual_inputs), "time_embeddings.in_layer.bias": (64,),
+                          "visual_transformer_blocks.0.feed_forward.in_layer.weight": (64, width),
+                          **_count("text_transformer_blocks.")}
+
+
+def _cogvideox(channels: int) -> Callable[[int], Shapes]:
+    """CogVideoX 1.0: heads of 64 (width / 64), one block, 2-D patches, rotary positions."""
+    return lambda width: {"blocks.0.norm1.linear.weight": (6 * width, 64), "patch_embed.proj.weight":
+                          (width, channels, 2, 2), "patch_embed.text_proj.weight": (width, 4096)}
+
+
+def _stable_audio(io: int, global_cond: int, heads: int | None, local_add: int = 0,
+                  shared: bool = False) -> Callable[[int], Shapes]:
+    """Stable Audio's 1-D DiT (one layer) over ``io``-channel latents, 768-wide captions projected to the width.
+    ``heads``: rms-normed heads of this size (Stable Audio 3), else 24 layer-normed heads with learned timestep
+    features (Stable Audio Open); ``local_add``: channels of a local additive condition; ``shared``: one adaLN
+    embedder for all layers."""
+    def probe(width: int) -> Shapes:
+        shapes = {"transformer.rotary_pos_emb.inv_freq": (1,), "to_global_embed.0.weight": (width, global_cond),
+                  "to_cond_embed.0.weight": (width, 768), "to_timestep_embed.0.weight": (width, 256),
+                  "transformer.layers.0.self_attn.to_qkv.weight": (3 * width, width),
+                  "postprocess_conv.weight": (io, io, 1), "transformer.project_in.weight": (width, io)}
+        if heads:
+            shapes["transformer.layers.0.self_attn.q_norm.gamma"] = (heads,)
+        else:
+            shapes["timestep_features.weight"] = (128, 1)
+        if local_add:
+            shapes["transformer.layers.0.to_local_embed.0.weight"] = (width, local_add)
+        if shared:
+            shapes["transformer.global_cond_embedder.0.weight"] = (width, width)
+        return shapes
+    return probe
+
+
+def _seconds_embedder(name: str, learned: bool) -> Shapes:
+    """A Stable Audio seconds embedder's weights (768 wide; learned or fixed Fourier features), in the checkpoint's
+    ``conditioner`` section, which ComfyUI's Stable Audio builders read from the diffusion model's file."""
+    prefix = f"conditioner.conditioners.{name}.embedder.embedding."
+    features = {f"{prefix}0.weights": (128,)} if learned else {}
+    return {**features, f"{prefix}1.weight": (768, 256 + learned), f"{prefix}1.bias": (768,)}
+
+
+def _randn(*shape: int) -> Callable[[torch.Generator], torch.Tensor]:
+    """A conditioning extra: a seeded tensor of this shape (e.g. a latent a conditioning node encodes)."""
+    return lambda gen: torch.randn(*shape, generator=gen)
+
+
+def _mask(*shape: int) -> Callable[[torch.Generator], torch.Tensor]:
+    """A conditioning extra: a seeded binary mask of this shape."""
+    return lambda gen: (torch.rand(*shape, generator=gen) > 0.5).float()
+
+
+def _wan_config(**transformer: Any) -> dict[str, str]:
+    """File metadata that makes ComfyUI's Wan detection pick a variant (its ``config`` entry's ``transformer``)."""
+    return {"config": json.dumps({"transformer": transformer})}
+
+
+# WanSCAILToVideo's conditioning for a 2-frame 8 x 8 latent: one reference latent, a half-size pose video latent.
+SCAIL: dict[str, Any] = {"reference_latents": lambda gen: [torch.randn(1, 16, 1, 8, 8, generator=gen)],
+                         "pose_video_latent": _randn(1, 16, 2, 4, 4), "ref_mask_flag": True}
 
 
 # PixArt sizes its position embedding by round(mean latent side / 64): latents up to 32 wide divide by zero.
@@ -358,9 +429,87 @@ FAMILIES: tuple[Family, ...] = (
     Family("mochi", "GenmoMochi", lambda w: {"t5_yproj.weight": (1,)}, (3072,), (12, 2, 8, 8), 4096,
            attention_mask=True),
     Family("hidream", "HiDream", lambda w: {"caption_projection.0.linear.weight": (1,)}, (2560,), (16, 8, 8), 4096),
-    Family("stable_audio", "StableAudio", lambda w: {}, (1536,), (64, 16), 768,
-           untestable="Stable Audio's seconds embedders sit outside the diffusion model (conditioner.*), which "
-                      "UNETLoader drops: a checkpoint-only model"),
+    # Stable Audio Open: a 1-D DiT over 64-channel latents, 768-wide T5 captions, 24 heads whose rotary embedding
+    # needs 64 channels each (width 1536): one layer (0.3.75's detection fixes all 24, 1.06 B). Its seconds
+    # embedders (start, total: 768 each, learned Fourier features) sit beside the diffusion model in the file (see
+    # Stable Audio 3).
+    Family("stable_audio", "StableAudio", _stable_audio(io=64, global_cond=1536, heads=None), (1536,), (64, 16), 768,
+           outside={**_seconds_embedder("seconds_start", learned=True),
+                    **_seconds_embedder("seconds_total", learned=True)}),
+    # -- ComfyUI 0.33's families (skipped, with the reason, where the running ComfyUI lacks the class) ---------------
+    # LongCat-Image: Flux blocks, a Qwen2.5-VL 7B caption (3584 wide), no pooled output and no guidance input.
+    Family("longcat_image", "LongCatImage", _flux(guidance=False, pooled=False, context=3584), (128,), (16, 8, 8),
+           3584),
+    # Kandinsky 5: heads of 64 at any width (the 1792/2560/4096 releases pick their own rope axes). The video model
+    # takes the latent plus a zero start image and a mask (33 x 2 x 2 patch inputs), the image one 2560 wide only.
+    Family("kandinsky5", "Kandinsky5", _kandinsky5(132), (128,), (16, 2, 8, 8), 3584, pooled=768),
+    Family("kandinsky5_image", "Kandinsky5Image", _kandinsky5(64), (2560,), (16, 8, 8), 3584, pooled=768),
+    # CogVideoX 1.0 (heads of 64; 2-D patches); T5 captions padded to 226 tokens. Image-to-video adds a start-image
+    # latent (16 channels), the Fun inpainting model a start image and a mask video latent (32).
+    Family("cogvideox_t2v", "CogVideoX_T2V", _cogvideox(16), (64,), (16, 2, 8, 8), 4096, tokens=226),
+    Family("cogvideox_i2v", "CogVideoX_I2V", _cogvideox(32), (64,), (16, 2, 8, 8), 4096, tokens=226, concat=16),
+    Family("cogvideox_inpaint", "CogVideoX_Inpaint", _cogvideox(48), (64,), (16, 2, 8, 8), 4096, tokens=226,
+           concat=32),
+    # Wan variants ComfyUI 0.33 added (Wan 2.1 blocks, heads of 128, as above), with what their conditioning nodes add.
+    # SCAIL: reference latents ahead of the video, a half-size pose video latent (its own patch embedder) and a
+    # 4-channel mask concat; SCAIL-2 adds 28-channel identity masks over the references and the pose video.
+    Family("wan21_scail", "WAN21_SCAIL", _wan(in_dim=20, **{"patch_embedding_pose.weight": (1,)}), (128,),
+           (16, 2, 8, 8), 4096, extras=SCAIL),
+    Family("wan21_scail2", "WAN21_SCAIL2", _wan(in_dim=20, **{"patch_embedding_mask.weight": (1,)}), (128,),
+           (16, 2, 8, 8), 4096, extras={**SCAIL, "driving_mask_28ch": _mask(1, 2, 28, 4, 4),
+                                        "ref_mask_28ch": _mask(1, 3, 28, 8, 8)}),
+    # WanDancer: image-to-video (start image + mask concat) with music features (35 per frame) at 30 fps.
+    Family("wan22_wandancer", "WAN22_WanDancer", _wan(in_dim=36, **{"patch_embedding_global.weight": (1,)}), (128,),
+           (16, 2, 8, 8), 4096, concat=16, extras={"audio_embed": _randn(1, 8, 35), "fps": 30.0}),
+    # Told apart from plain Wan only by the file's config metadata, as ComfyUI's own files carry it. Wan-Animate 2:
+    # frame 0 is the reference image slot; the pose video latent covers the other frames.
+    Family("wan_animate2", "WAN_Animate2", _wan(in_dim=36, **WAN_CLIP), (128,), (16, 2, 8, 8), 4096, concat=16,
+           extras={"pose_video_latent": _randn(1, 16, 1, 8, 8)}, metadata=_wan_config(model_type="animate2")),
+    Family("wan21_causal_ar", "WAN21_CausalAR_T2V", _wan(), (128,), (16, 2, 8, 8), 4096,
+           metadata=_wan_config(causal_ar=True)),
+    # Z-Image in pixel space: the 3840-wide Z-Image backbone (one main layer) with a pixel decoder in place of its
+    # final layer, on 16 x 16 RGB patches; the decoder (its width, depth) is read from the weights: 64 wide, one block.
+    Family("z_image_pixel", "ZImagePixelSpace",
+           lambda w: {**_lumina("cap_pad_token", "x_pad_token")(w), "x_embedder.weight": (w, 16 * 16 * 3),
+                      "dec_net.cond_embed.weight": (64, w), "dec_net.final_layer.linear.weight": (16 * 16 * 3, 64),
+                      "dec_net.input_embedder.embedder.0.weight": (64, 16 * 16 * 3 + 8 * 8),
+                      **_count("dec_net.res_blocks.")},
+           (3840,), (3, 32, 32), 64),
+    # Boogu: OmniGen2 blocks at 28 heads of 120 (3360; its rope fixes the head size) plus dual-stream layers: one
+    # dual-stream and one single-stream layer, no refiners; a Qwen3-VL 8B caption (4096) with its attention mask (the
+    # model reads the caption length from it).
+    Family("boogu", "Boogu", lambda w: {"double_stream_layers.0.img_instruct_attn.processor.img_to_q.weight": (1,),
+                                        "x_embedder.weight": (w, 64), **_count("single_stream_layers."),
+                                        "time_caption_embed.caption_embedder.0.weight": (4096,)},
+           (3360,), (16, 8, 8), 4096, attention_mask=True),
+    # Ideogram 4: 18 heads of 256 (4608) on 2 x 2 patches of Flux 2 latents, its caption 13 Qwen3-VL layers of 4096
+    # side by side (53248): one layer.
+    Family("ideogram4", "Ideogram4", lambda w: {"embed_image_indicator.weight": (1,), "input_proj.weight": (w, 128),
+                                                **_count("layers.")},
+           (4608,), (128, 4, 4), 53248),
+    # Stable Audio 3: a 1-D DiT over 256-channel audio latents (rms-normed heads of 64; its 768-wide seconds embedding
+    # feeds one shared adaLN embedder; mask + masked latent as a local additive condition), a 768-wide T5Gemma
+    # caption. Its seconds embedder sits beside the diffusion model in the file: ComfyUI's loader reads it from there
+    # when the diffusion model's keys carry no prefix (a checkpoint's "model.model." prefix makes UNETLoader drop it).
+    Family("stable_audio3", "StableAudio3",
+           _stable_audio(io=256, global_cond=768, heads=64, local_add=257, shared=True), (128,), (256, 16), 768,
+           outside=_seconds_embedder("seconds_total", learned=False)),
+    # Lens: heads of 64; its caption is 4 GPT-OSS layers of 2880 side by side, with an attention mask.
+    Family("lens", "Lens", lambda w: {"transformer_blocks.0.attn.norm_added_q.weight": (1,),
+                                      "transformer_blocks.0.img_mlp.w1.weight": (1,), "img_in.weight": (w, 128),
+                                      "proj_out.weight": (128, w),
+                                      **{f"txt_norm.{i}.weight": (2880,) for i in range(4)}},
+           (128,), (128, 4, 4), 4 * 2880, attention_mask=True),
+    # Krea 2: heads of 128; its caption is 12 Qwen3-VL 4B layers of 2560 (fused by 2560-wide text blocks). Wan 2.1
+    # latents, 5-D with T = 1 (as Qwen-Image's).
+    Family("krea2", "Krea2", lambda w: {"txtfusion.projector.weight": (1, 12), "first.weight": (w, 64),
+                                        "blocks.0.attn.wq.weight": (w, w), "blocks.0.attn.wk.weight": (w, w),
+                                        "txtfusion.layerwise_blocks.0.prenorm.scale": (2560,)},
+           (128,), (16, 1, 8, 8), 12 * 2560),
+    # Mage-Flow: Qwen-Image blocks at a fixed 24 x 128 (3072), Flux 2 latents, a 2560-wide caption: one block.
+    Family("mage_flow", "MageFlow", lambda w: {"txt_norm.weight": (2560,), "proj_out.weight": (128, w),
+                                               "img_in.weight": (w, 128), **_count("transformer_blocks.")},
+           (3072,), (128, 4, 4), 2560),
 )
 BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -380,22 +529,31 @@ class Built:
 
 
 def metadata(family: Family) -> dict[str, str] | None:
-    """The safetensors metadata of the family's file: its transformer ``config``, where it has one."""
-    return {"config": json.dumps({"transformer": family.config}, sort_keys=True)} if family.config else None
+    """The safetensors metadata of the family's file: its own ``metadata`` and its transformer ``config``, if any."""
+    meta = dict(family.metadata)
+    if family.config:
+        meta["config"] = json.dumps({"transformer": family.config}, sort_keys=True)
+    return meta or None
 
 
-def detect(shapes: Shapes, file_metadata: dict[str, str] | None = None) -> tuple[str, Shapes]:
-    """(detected class name, the state-dict shapes of the model ComfyUI builds) for a state dict of these shapes
-    (and a file with this metadata)."""
+def detect(shapes: Shapes, metadata: dict[str, str] | None = None, real_memory: bool = True,
+           outside: Shapes | None = None) -> tuple[str, Shapes]:
+    """(detected class name, the state-dict shapes of the diffusion model ComfyUI builds) for a state dict of these
+    shapes (plus the ``outside`` weights) in a file with this safetensors ``metadata``. The model is built on the meta
+    device; builders that need real memory get it unless ``real_memory`` is False (for models of billions of
+    parameters), which raises instead."""
     import comfy.model_detection
 
     sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    config = comfy.model_detection.model_config_from_unet(sd, "", metadata=file_metadata)
+    sd.update({k: torch.zeros(s) for k, s in (outside or {}).items()})  # small; loaded as they are, not on meta
+    config = comfy.model_detection.model_config_from_unet(sd, "", metadata=metadata or None)
     if config is None:
         return "", {}
     try:  # weights on the meta device; the model's sampling schedule stays real (Cascade's is slow on meta)
         model = config.get_model(sd, "", device=torch.device("meta"))
     except Exception:  # builders that compute values (PixArt's .item(), the x4 upscaler's numpy) need real memory
+        if not real_memory:
+            raise
         model = config.get_model(sd, "")
     return type(config).__name__, {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()}
 
@@ -407,8 +565,8 @@ def build(family: Family) -> Built:
     reasons = []
     for width in family.widths:
         try:
-            name, shapes = detect(family.probe(width), metadata(family))
-            again = detect(shapes, metadata(family)) if name == family.detected_as else ("", {})
+            name, shapes = detect(family.probe(width), metadata(family), outside=family.outside)
+            again = detect(shapes, metadata(family), outside=family.outside) if name == family.detected_as else ("", {})
         except Exception as e:  # ComfyUI's builder rejects this width (e.g. width not a multiple of its fixed heads)
             reasons.append(f"width {width}: {type(e).__name__}: {e}")
             continue
@@ -422,15 +580,17 @@ def build(family: Family) -> Built:
 
 
 def write(family: Family, built: Built, directory: Path, seed: int = 0) -> Path:
-    """The family's model file in ``directory`` (written once, atomically; bf16). The name carries a digest of the
-    layout, so a ComfyUI or probe change that alters the model never reuses a stale cached file."""
+    """The family's model file in ``directory`` (written once, atomically; bf16): the diffusion model and the family's
+    ``outside`` weights, with its metadata. The name carries a digest of all three, so a ComfyUI or probe change that
+    alters the file never reuses a stale cached one."""
+    shapes = {**built.shapes, **family.outside}
     meta = metadata(family)
-    described = repr(sorted(built.shapes.items())) + (repr(meta) if meta else "")  # files without metadata: as before
+    described = repr(sorted(shapes.items())) + (repr(meta) if meta else "")  # files without metadata: as before
     layout = hashlib.sha256(described.encode()).hexdigest()[:10]
 
     def tensors(seed: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
-        return {k: tiny_models.seeded_tensor(built.shapes[k], gen).to(torch.bfloat16) for k in sorted(built.shapes)}
+        return {k: tiny_models.seeded_tensor(shapes[k], gen).to(torch.bfloat16) for k in sorted(shapes)}
 
     return tiny_models.write_model(directory / f"{family.name}_w{built.width}_{layout}_s{seed}.safetensors", tensors,
                                    seed, meta)

@@ -79,9 +79,9 @@ def tiny_wan_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def write_model(path: Path, state_dict_fn, seed: int = 0, metadata: dict[str, str] | None = None) -> Path:
-    """Saves ``state_dict_fn(seed)`` (and the file's ``metadata``) at ``path`` once (e.g. where "Load Diffusion Model"
-    finds it). Atomic and safe when several processes (pytest-xdist workers) fill the same cache at once: each writes
-    its own temporary file and the last rename wins with the same bytes."""
+    """Saves ``state_dict_fn(seed)`` at ``path`` once (e.g. where "Load Diffusion Model" finds it), with the file's
+    safetensors ``metadata``. Atomic and safe when several processes (pytest-xdist workers) fill the same cache at
+    once: each writes its own temporary file and the last rename wins with the same bytes."""
     import os
 
     import safetensors.torch
