@@ -78,6 +78,8 @@ class Report:
         elif event == "lora_trainer.validation":
             self._line(f"  [{data.get('node')}] step {data.get('step')}: validation loss "
                        f"{data.get('loss'):.6f}")
+        elif event == "lora_trainer.sample":
+            self._line(f"  [{data.get('node')}] step {data.get('step')}: samples {', '.join(data.get('files', []))}")
         elif event == "lora_trainer.saved":
             self._line(f"  [{data.get('node')}] step {data.get('step')}: saved {data.get('file')}")
         elif event == "lora_trainer.cancelled":

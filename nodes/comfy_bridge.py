@@ -13,6 +13,7 @@ import torch
 import comfy.lora
 import comfy.model_management
 import comfy.model_sampling
+import comfy.sample
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.sd
@@ -571,3 +572,36 @@ def with_lora(patcher, lora: dict[str, torch.Tensor], strength: float = 1.0):
     check_comfy_reads(patcher, lora)
     model, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)
     return model
+
+
+def empty_latent(patcher, vae, width: int, height: int, length: int) -> torch.Tensor:
+    """The zero LATENT ComfyUI's Empty Latent nodes give for this model and VAE: the model's latent channels, the
+    VAE's spatial (and, for a video VAE, temporal) compression; ``length`` frames for a video model."""
+    fmt = patcher.model.latent_format
+    ratio = vae.downscale_ratio  # an int, or (frames function, height, width) for video VAEs
+    spatial = ratio if isinstance(ratio, int) else ratio[1]
+    size = (max(1, height // spatial), max(1, width // spatial))
+    if getattr(fmt, "latent_dimensions", 2) == 3:
+        frames = ratio[0](length) if not isinstance(ratio, int) else length
+        return torch.zeros((1, fmt.latent_channels, max(1, frames), *size))
+    return torch.zeros((1, fmt.latent_channels, *size))
+
+
+def latent_channels(patcher) -> int:
+    return patcher.model.latent_format.latent_channels
+
+
+def render(patcher, positive: list, negative: list, latent: torch.Tensor, *, seed: int, steps: int, cfg: float,
+           sampler_name: str, scheduler: str, on_step: Callable[[], None]) -> torch.Tensor:
+    """ComfyUI's KSampler path (``comfy.sample``: its noise from ``seed``, its sampler and scheduler) on the model
+    as it is now; ``on_step`` after every sampler step (where a cancel is checked)."""
+    latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                               callback=lambda *args: on_step(), disable_pbar=True, seed=seed)
+
+
+def decode_frames(vae, latent: torch.Tensor) -> torch.Tensor:
+    """The VAE's pixels of a sampled latent as frames (N, H, W, 3) in 0..1: one for an image, every frame of a clip."""
+    pixels = vae.decode(latent)
+    return pixels.reshape(-1, *pixels.shape[-3:]).float().clamp(0, 1)

@@ -6,6 +6,7 @@ from .dataset import LoadTrainingDataset, SaveTrainingDataset
 from .edit_pairs import LoadEditPairs
 from .train_lora import TrainLoRA
 from .training_options import TrainingOptions
+from .training_samples import SampleGrid, TrainingSamples
 
 NODES = {
     "LoraTrainer_TrainLoRA": (TrainLoRA, "Train LoRA (LoRA Trainer)"),
@@ -17,6 +18,8 @@ NODES = {
     "LoraTrainer_LoadEditPairs": (LoadEditPairs, "Load Edit Pairs (LoRA Trainer)"),
     "LoraTrainer_TrainingOptions": (TrainingOptions, "Training Options (LoRA Trainer)"),
     "LoraTrainer_ConvertLoRA": (ConvertLoRA, "Convert LoRA (LoRA Trainer)"),
+    "LoraTrainer_TrainingSamples": (TrainingSamples, "Training Samples (LoRA Trainer)"),
+    "LoraTrainer_SampleGrid": (SampleGrid, "Sample Grid (LoRA Trainer)"),
 }
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

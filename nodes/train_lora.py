@@ -22,7 +22,7 @@ from ..training.objectives import LOSSES
 from ..training.optimizers import OPTIMIZERS
 from ..training.train_state import StateError
 from ..training.validation import Validation
-from . import comfy_bridge, events, inputs, lora_files, process_group, run_saves, save_metadata
+from . import comfy_bridge, events, inputs, lora_files, process_group, run_saves, save_metadata, training_samples
 from .training_options import OPTIONS_TYPE, RunOptions
 
 log = logging.getLogger("lora_trainer")
@@ -217,18 +217,21 @@ class TrainLoRA:
                     validation_conditioning.check(clone, validation_x0)
                 validation = Validation(validation_x0.groups(), schedule, seed + 1, device=device)
                 validation_denoise = comfy_bridge.denoiser(clone, validation_conditioning)
+            sampler = training_samples.renderer_for(run.samples, clone, node_id, pbar, device)
             # ComfyUI raises InterruptProcessingException on cancel from its ops and its progress bar: the loop
             # treats it as a cancel, so the finished steps are kept.
             callbacks = loop.Callbacks(
                 cancelled=comfy.model_management.processing_interrupted, micro_step=lambda: pbar.update(1),
                 step=on_step, cancel_exceptions=(comfy.model_management.InterruptProcessingException,),
-                checkpoint_every=run.save_every_n_steps, checkpoint=saves)
+                checkpoint_every=run.save_every_n_steps, checkpoint=saves,
+                **({"sample_schedule": run.samples.schedule, "sample": sampler} if sampler else {}))
             with attached(root, adapters), checkpointed(root, gradient_checkpointing):
                 try:
                     result = loop.train(adapters.trainable(), groups, comfy_bridge.denoiser(clone, conditioning),
                                         schedule, settings, generator, callbacks, resume, Ranks.current())
                 except StateError as e:
                     raise ValueError(f"resume_from: '{run.resume_from}' does not fit this run: {e}") from None
+                sampled = sampler.finish() if sampler else None  # the grid, also of a cancelled run
 
         total = previous + result.steps_done
         lora = lora_at(total)
@@ -238,10 +241,12 @@ class TrainLoRA:
             self._stop_diverged(lora, total, node_id, result, learning_rate)
         loss_map = {"loss": result.losses, "skipped": result.skipped, "learning_rate": result.learning_rates,
                     "grad_norm": result.grad_norms, "saves": saves.steps,
-                    "validation": {"step": [s for s, _ in validated], "loss": [v for _, v in validated]}}
+                    "validation": {"step": [s for s, _ in validated], "loss": [v for _, v in validated]},
+                    "training_s": result.training_s, "sampling_s": result.sampling_s, "samples": sampled}
         return {"ui": {"lora_trainer_loss": result.losses, "lora_trainer_skipped": result.skipped,
                        "lora_trainer_saves": saves.steps, "lora_trainer_lr": result.learning_rates,
-                       "lora_trainer_grad_norm": result.grad_norms, "lora_trainer_validation": validated},
+                       "lora_trainer_grad_norm": result.grad_norms, "lora_trainer_validation": validated,
+                       **training_samples.ui_output(sampled, result.sampling_s)},
                 "result": (comfy_bridge.with_lora(model, lora), lora, loss_map, total)}
 
     @staticmethod

@@ -10,6 +10,7 @@ import folder_paths
 from ..training.schedules import LR_SCHEDULES, LRSchedule
 from ..training.timesteps import TIMESTEP_SAMPLINGS, TimestepSampling
 from . import inputs
+from .training_samples import SAMPLES_TYPE
 from .safe_files import listed
 
 OPTIONS_TYPE = "LORA_TRAINING_OPTIONS"
@@ -40,6 +41,7 @@ class RunOptions:
     rs_lora: bool = False
     validate_every_n_steps: int = 0
     validation: tuple | None = None  # (LATENT list, CONDITIONING list) as the node received them
+    samples: object | None = None  # a Training Samples node's SampleSpec: images rendered while training
 
     @classmethod
     def of(cls, options: dict | None) -> "RunOptions":
@@ -56,7 +58,8 @@ class RunOptions:
             keep_last=options["keep_last"], save_prefix=options["save_prefix"],
             resume_from=None if options["resume_from"] in (None, NONE) else options["resume_from"],
             ema_decay=options["ema_decay"], dora=options["dora"], rs_lora=options["rs_lora"],
-            validate_every_n_steps=options["validate_every_n_steps"], validation=options.get("validation"))
+            validate_every_n_steps=options["validate_every_n_steps"], validation=options.get("validation"),
+            samples=options.get("samples"))
 
     def identity(self) -> dict:
         """What a resumed run must share with the run it resumes (saving and resuming themselves may differ)."""
@@ -136,13 +139,17 @@ class TrainingOptions:
         }, "optional": {
             "validation_latents": ("LATENT", {"tooltip": "Held-out latents for the validation loss."}),
             "validation_positive": ("CONDITIONING", {"tooltip": "Their captions: one per image, or one for all."}),
+            "samples": (SAMPLES_TYPE, {"tooltip": "From a Training Samples node: images rendered every N steps "
+                                                  "while training."}),
         }}
 
     # List mode: validation data from ComfyUI's data-set nodes comes as lists (one LATENT per image).
     INPUT_IS_LIST = True
 
-    def options(self, validation_latents=None, validation_positive=None, **kw):
+    def options(self, validation_latents=None, validation_positive=None, samples=None, **kw):
         options = {k: inputs.one(v, k) for k, v in kw.items()}
+        if samples is not None:
+            options["samples"] = inputs.one(samples, "samples")
         if (validation_latents is None) != (validation_positive is None):
             raise ValueError("validation_latents, validation_positive: connect both or neither")
         if validation_latents is not None:

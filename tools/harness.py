@@ -298,8 +298,9 @@ class _Messages:
                 continue
             except Exception:
                 break
-            if not isinstance(raw, str):
-                continue  # preview images
+            if not isinstance(raw, str):  # a preview image: its event type (ComfyUI's BinaryEventTypes) and size
+                raw = json.dumps({"type": "binary", "data": {"event": int.from_bytes(raw[:4], "big"),
+                                                             "bytes": len(raw)}})
             if not raw:
                 break  # the server closed the connection
             message = json.loads(raw)

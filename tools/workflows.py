@@ -65,6 +65,34 @@ def with_options(wf: dict, **fields: Any) -> dict:
     return wf
 
 
+TRAINING_SAMPLES_DEFAULTS: dict[str, Any] = {
+    "width": 64, "height": 64, "length": 1, "sampler_name": "euler", "scheduler": "simple", "steps": 4, "cfg": 2.0,
+    "seed": 0, "every_n_steps": 2, "sample_at_start": True, "filename_prefix": "samples/test",
+}
+
+
+def with_samples(wf: dict, prompts: list[dict] | None = None, vae: str = "taesd16.safetensors",
+                 **fields: Any) -> dict:
+    """``wf`` (with Training Options) with a Training Samples node feeding them: the prompts are CONDITIONING links
+    (default: two one-caption test data sets), the negative is the first one zeroed, the VAE ``vae`` from
+    models/vae; and a Sample Grid node on the training's loss."""
+    wf = dict(wf)
+    if prompts is None:
+        for i, seed in enumerate((101, 102)):
+            wf.update({f"prompt{i}": test_data("sd3", count=1, seed=seed)["data"]})
+        prompts = [["prompt0", 1], ["prompt1", 1]]
+    wf["prompts"] = {"class_type": "LoraTrainerTest_ConditioningList", "inputs": {
+        f"c{i}": link for i, link in enumerate(prompts)}}
+    wf["negative"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": prompts[0]}}
+    wf["sample_vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": vae}}
+    wf["samples"] = {"class_type": "LoraTrainer_TrainingSamples", "inputs": {
+        **TRAINING_SAMPLES_DEFAULTS, "positive": ["prompts", 0], "negative": ["negative", 0],
+        "vae": ["sample_vae", 0], **fields}}
+    wf["options"] = {**wf["options"], "inputs": {**wf["options"]["inputs"], "samples": ["samples", 0]}}
+    wf["grid"] = {"class_type": "LoraTrainer_SampleGrid", "inputs": {"loss": ["train", 2]}}
+    return wf
+
+
 # What the family matrix's checkpointing-off run adds to the defaults: every Training Options feature that works on any
 # model family (min-SNR-γ and flow shifts depend on the prediction type and are tested per type instead).
 MATRIX_OPTIONS: dict[str, Any] = {

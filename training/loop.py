@@ -18,6 +18,7 @@ from .inplace_safe import CopyOnWrite, protected
 from .data import Group, micro_batches, to_device
 from .distributed import Ranks
 from .ema import EMA
+from .sample_schedule import SampleSchedule
 from .train_state import TrainState
 
 log = logging.getLogger("lora_trainer")
@@ -54,6 +55,7 @@ class StepReport:
     eta_s: float
     skipped: bool = False
     grad_norm: float | None = None  # the gradients' global L2 norm before clipping (None when skipped)
+    sampling_s: float = 0.0  # time this run spent rendering samples so far (not in elapsed_s nor in the ETA)
 
 
 @dataclass
@@ -66,6 +68,11 @@ class Callbacks:
     # Every this many steps (not after the last one) the run's resumable state goes to ``checkpoint``; 0 = never.
     checkpoint_every: int = 0
     checkpoint: Callable[[TrainState], None] = lambda state: None
+    # Sample images of the LoRA as it is: ``sample(step)`` when ``sample_schedule`` says (step 0 = before training),
+    # without gradients and with the global RNG put back after. A cancel exception raised in it stops the run,
+    # keeping the finished steps. Its time is counted apart from training's.
+    sample_schedule: SampleSchedule = field(default_factory=SampleSchedule)
+    sample: Callable[[int], None] = lambda step: None
 
 
 @dataclass
@@ -76,6 +83,9 @@ class Result:
     skipped: list[int] = field(default_factory=list)  # numbers (1-based) of the steps skipped as non-finite
     cancelled: bool = False
     diverged: bool = False  # stopped after MAX_NON_FINITE_IN_A_ROW skipped steps; the weights are the last finite
+    sampled: list[int] = field(default_factory=list)  # the steps whose samples were rendered (0 = before training)
+    sampling_s: float = 0.0  # seconds spent rendering samples
+    training_s: float = 0.0  # seconds spent training (from the first step to the end, less sampling)
 
     @property
     def steps_done(self) -> int:
@@ -105,6 +115,30 @@ def sample_loss(denoise: DenoiseFn, schedule: objectives.Schedule, x0: torch.Ten
         denoised = denoise(x_t, sigma, ids)
     error = objectives.native_error(denoised, x0, schedule.output_scale(sigma, x0))
     return objectives.per_sample_loss(error, loss_function)
+
+
+@contextlib.contextmanager
+def _rng_kept(device: torch.device):
+    """The global RNG (CPU, and the training GPU's) as it was before the block, whatever the block draws from it."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        yield
+
+
+def _sample(step: int, flat: FlatParams, ema: EMA | None, callbacks: Callbacks, result: Result,
+            device: torch.device) -> bool:
+    """Renders the samples of ``step`` with the weights the run would return now (EMA's average when on); False when
+    the user cancelled during it. Training's generator is not reachable from here; the global RNG is put back."""
+    began = time.monotonic()
+    try:
+        with torch.no_grad(), _rng_kept(device), ema.applied(flat) if ema is not None else contextlib.nullcontext():
+            callbacks.sample(step)
+    except callbacks.cancel_exceptions:
+        return False
+    finally:
+        result.sampling_s += time.monotonic() - began
+    result.sampled.append(step)
+    return True
 
 
 def train(params: Iterable[torch.nn.Parameter], groups: list[Group], denoise: DenoiseFn, schedule: objectives.Schedule,
@@ -140,7 +174,11 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
         first, smoothed, non_finite_in_a_row = resume.step, resume.smoothed, resume.non_finite_in_a_row
         result.losses, result.skipped = list(resume.losses), list(resume.skipped)
         result.learning_rates, result.grad_norms = list(resume.learning_rates), list(resume.grad_norms)
-    start = time.monotonic()
+    # A cancel during sampling stops the run at the next micro-step, so that it reaches every rank of a data-parallel
+    # run the way any cancel does (only rank 0 samples; the others wait for it at the next gradient sum).
+    cancel_pending = callbacks.sample_schedule.at_step_zero(first) and not _sample(0, flat, ema, callbacks, result,
+                                                                                      device)
+    start, sampled_before = time.monotonic(), result.sampling_s
     for step in range(first, settings.steps):
         lr = settings.learning_rate * settings.lr_schedule.factor(step, settings.steps)
         for param_group in opt.param_groups:
@@ -149,7 +187,7 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
         stop = False
         for _ in range(settings.grad_accumulation_steps):
             try:
-                if callbacks.cancelled():
+                if cancel_pending or callbacks.cancelled():
                     raise _Cancel()
                 group, rows = next(batches)
                 shape = (len(rows), *group.shape)
@@ -179,7 +217,8 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
             flat.zero_grad()
             result.cancelled = True
             return result
-        elapsed = time.monotonic() - start
+        elapsed = time.monotonic() - start - (result.sampling_s - sampled_before)  # training time only
+        result.training_s = elapsed
         eta = elapsed / (step + 1 - first) * (settings.steps - step - 1)
         grad_norm = flat.grad_norm()
         # A NaN/inf loss or gradient never reaches the weights nor the optimizer's state. (With finite gradients the
@@ -196,14 +235,16 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
             result.grad_norms.append(grad_norm)
             non_finite_in_a_row = 0
             smoothed = mean if smoothed is None else 0.9 * smoothed + 0.1 * mean
-            callbacks.step(StepReport(step + 1, settings.steps, mean, smoothed, lr, elapsed, eta, grad_norm=grad_norm))
+            callbacks.step(StepReport(step + 1, settings.steps, mean, smoothed, lr, elapsed, eta, grad_norm=grad_norm,
+                                      sampling_s=result.sampling_s))
         else:
             flat.zero_grad()
             result.skipped.append(step + 1)
             non_finite_in_a_row += 1
             log.warning("step %d skipped: its loss (%s) or gradients are not finite; the LoRA stays as it was",
                         step + 1, mean)
-            callbacks.step(StepReport(step + 1, settings.steps, None, smoothed, lr, elapsed, eta, skipped=True))
+            callbacks.step(StepReport(step + 1, settings.steps, None, smoothed, lr, elapsed, eta, skipped=True,
+                                      sampling_s=result.sampling_s))
             if non_finite_in_a_row == MAX_NON_FINITE_IN_A_ROW:
                 result.diverged = True
                 return result
@@ -212,4 +253,7 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
                                        ema)
             with ema.applied(flat) if ema is not None else contextlib.nullcontext():  # what is saved is the result
                 callbacks.checkpoint(state)
+        if callbacks.sample_schedule.due(step + 1, settings.steps):
+            cancel_pending = not _sample(step + 1, flat, ema, callbacks, result, device)
+    result.cancelled = result.cancelled or cancel_pending  # cancelled while sampling after the last step
     return result

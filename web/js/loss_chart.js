@@ -118,6 +118,7 @@ class LossChart {
       Number.isFinite(gradNorm) && `grad ${fmt(gradNorm, 3)}`,
       this.saves.length && `saved @${this.saves.at(-1)}`,
       `elapsed ${formatSeconds(num(report.elapsed_s))}`,
+      num(report.sampling_s) > 0 && `sampling ${formatSeconds(num(report.sampling_s))}`,
       `eta ${formatSeconds(num(report.eta_s))}`,
     ]);
     this.draw();

@@ -187,3 +187,7 @@ NODE_CLASS_MAPPINGS["LoraTrainerTest_FailOnRank"] = FailOnRank
 from .dataset_report import DescribeDataset  # noqa: E402
 
 NODE_CLASS_MAPPINGS["LoraTrainerTest_DescribeDataset"] = DescribeDataset
+
+from .conditioning_list import ConditioningList  # noqa: E402
+
+NODE_CLASS_MAPPINGS["LoraTrainerTest_ConditioningList"] = ConditioningList

@@ -1,0 +1,170 @@
+"""Sample images while training (Training Samples → Training Options → Train LoRA, Sample Grid): through the real
+server on the tiny SD3 with a generated 16-channel TAESD as its VAE."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import dataset_models
+import harness
+import workflows as wfs
+
+pytestmark = pytest.mark.fast
+
+FAST = {"training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False}
+
+
+def training(prefix: str, samples: dict | None = None, steps: int = 4, **settings) -> dict:
+    """4 tiny SD3 images, ``steps`` steps at a learning rate that visibly changes the samples; the LoRA saved under
+    ``prefix``; with Training Samples (``samples`` overrides its defaults) unless ``samples`` is None."""
+    wf = wfs.with_options(wfs.train(wfs.sd3_model(), wfs.test_data("sd3", count=4, size=8), save_prefix=prefix,
+                                    steps=steps, seed=3, learning_rate=0.01, **{**FAST, **settings}))
+    return wf if samples is None else wfs.with_samples(wf, **samples)
+
+
+def run_listening(server, wf: dict, timeout: float = 600) -> tuple[dict, list[dict]]:
+    messages: list[dict] = []
+    stop = server.listen(messages.append)
+    prompt_id = None
+    try:
+        prompt_id = server.queue(wf)
+        entry = server.wait(prompt_id, timeout)
+    finally:
+        stop(prompt_id)
+    return entry, messages
+
+
+def pixels(server, relative: str) -> np.ndarray:
+    return np.asarray(Image.open(server.base_dir / "output" / relative).convert("RGB"), dtype=np.int16)
+
+
+def lora_of(server, entry: dict) -> dict[str, torch.Tensor]:
+    return load_file(str(server.base_dir / "models" / "loras" / entry["outputs"]["save"]["text"][0]))
+
+
+@pytest.fixture
+def vae(server):
+    dataset_models.install(server.base_dir, "taesd16.safetensors")
+
+
+def test_samples_on_the_node_and_on_disk_every_n_steps_and_the_lora_is_unchanged(server, vae):
+    entry, messages = run_listening(server, training("samples/with", {"filename_prefix": "samples/run_a"}))
+    sampled = [m["data"] for m in messages if m["type"] == "lora_trainer.sample"]
+    # step 0 (before training), every 2 steps, the last one
+    assert [s["step"] for s in sampled] == [0, 2, 4]
+    folder = server.base_dir / "output" / "samples" / "run_a_samples"
+    for s in sampled:
+        assert len(s["files"]) == 2 and all((server.base_dir / "output" / f).is_file() for f in s["files"])
+        assert all(Path(f).parent == Path("samples/run_a_samples") for f in s["files"])
+        record = json.loads(Image.open(server.base_dir / "output" / s["files"][1]).text["lora_trainer_sample"])
+        assert record == {"step": s["step"], "prompt": "prompt 2", "prompt_index": 1, "width": 64, "height": 64,
+                          "frames": 1, "sampler_name": "euler", "scheduler": "simple", "steps": 4, "cfg": 2.0,
+                          "seed": 0}
+    # live on the node: one preview image per sampling step, sent while the node runs (ComfyUI's preview path)
+    train_ran = [i for i, m in enumerate(messages) if m["type"] == "executing" and m["data"].get("node") == "train"]
+    previews = [i for i, m in enumerate(messages) if m["type"] == "binary"]
+    assert len(previews) == 3 and train_ran and all(i > train_ran[0] for i in previews), previews
+    # training time and sampling time apart
+    progress = [m["data"] for m in messages if m["type"] == "lora_trainer.progress"]
+    assert progress[-1]["sampling_s"] > 0 and progress[0]["elapsed_s"] >= 0
+    assert entry["outputs"]["train"]["lora_trainer_sampling_s"][0] >= progress[-1]["sampling_s"]
+    # the grid: a file, shown on the training node, and the Sample Grid node's IMAGE (rows = prompts, cols = steps)
+    shown = entry["outputs"]["train"]["images"]
+    assert shown == entry["outputs"]["grid"]["images"] and len(shown) == 1
+    grid = pixels(server, f"{shown[0]['subfolder']}/{shown[0]['filename']}")
+    assert grid.shape == (18 + 2 * 64, 3 * 64, 3)
+    assert (folder / shown[0]["filename"]).is_file()
+    # the LoRA learns: the last samples differ from the step-0 ones (a random TAESD decodes to dark, low-contrast
+    # images, hence the small threshold); the grid holds them in place
+    first, last = pixels(server, sampled[0]["files"][0]), pixels(server, sampled[-1]["files"][0])
+    assert np.abs(first - last).mean() > 0.1
+    assert np.array_equal(grid[18:18 + 64, 0:64], first) and np.array_equal(grid[18:18 + 64, 128:192], last)
+
+    # the same run without samples trains the bit-identical LoRA
+    plain = server.run(training("samples/without"))
+    with_samples, without = lora_of(server, entry), lora_of(server, plain)
+    assert with_samples.keys() == without.keys()
+    assert all(torch.equal(with_samples[k], without[k]) for k in with_samples)
+
+    # the same sampling seed gives the same images (another prefix, so the prompt runs again)
+    again, messages = run_listening(server, training("samples/again", {"filename_prefix": "samples/run_b"}))
+    repeated = [m["data"] for m in messages if m["type"] == "lora_trainer.sample"]
+    for a, b in zip(sampled, repeated):
+        assert all(np.array_equal(pixels(server, x), pixels(server, y)) for x, y in zip(a["files"], b["files"]))
+
+
+def test_cancel_during_sampling_stops_promptly_and_keeps_the_trained_steps(server, vae):
+    """Sampling after step 2 is long (1000 sampler steps); a cancel during it ends the prompt within seconds, with
+    the LoRA of step 2 kept in loras/cancelled/."""
+    sampling, events = threading.Event(), []
+
+    def on_message(m):
+        if m["type"] == "lora_trainer.progress" and m["data"]["step"] == 2:
+            sampling.set()  # the samples of step 2 start right after this report
+        if m["type"] in ("lora_trainer.cancelled", "lora_trainer.sample", "lora_trainer.progress"):
+            events.append((m["type"], m["data"]))
+
+    stop = server.listen(on_message)
+    prompt_id = None
+    try:
+        prompt_id = server.queue(training("samples/cancel", {"steps": 1000, "sample_at_start": False,
+                                                              "filename_prefix": "samples/cancel"}, steps=6))
+        assert sampling.wait(120), "training never reached step 2"
+        time.sleep(0.5)
+        asked = time.monotonic()
+        server.interrupt()
+        with pytest.raises(harness.PromptError) as err:
+            server.wait(prompt_id, timeout=120)
+        took = time.monotonic() - asked
+    finally:
+        stop(prompt_id)
+    assert "execution_interrupted" in str(err.value)
+    assert took < 10, took
+    kinds = [k for k, _ in events]
+    assert "lora_trainer.sample" not in kinds  # stopped inside the sampling
+    steps = [d["step"] for k, d in events if k == "lora_trainer.progress"]
+    assert steps == [1, 2]
+    cancelled = [d for k, d in events if k == "lora_trainer.cancelled"]
+    assert cancelled and cancelled[0]["step"] == 2
+    assert (server.base_dir / "models" / "loras" / "cancelled" / cancelled[0]["file"]).is_file()
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"vae": "wan_vae.safetensors"}, "samples: vae:"),
+    ({"latent": "sd15"}, "samples: latent: 4 channels"),
+])
+def test_a_sample_input_that_cannot_work_is_refused_before_training(server, vae, change, named):
+    dataset_models.install(server.base_dir, "wan_vae.safetensors")
+    wf = training("samples/refused", {"filename_prefix": "samples/refused"})
+    if "vae" in change:
+        wf["sample_vae"]["inputs"]["vae_name"] = change["vae"]
+    else:  # a 4-channel latent with content (an empty one ComfyUI's samplers widen, as for its own KSampler)
+        wf["sample_latent"] = wfs.test_data(change["latent"], count=1, size=8, seed=9)["data"]
+        wf["samples"]["inputs"]["latent"] = ["sample_latent", 0]
+    messages: list[dict] = []
+    stop = server.listen(messages.append)
+    prompt_id = None
+    try:
+        prompt_id = server.queue(wf)
+        with pytest.raises(harness.PromptError) as err:
+            server.wait(prompt_id)
+    finally:
+        stop(prompt_id)
+    assert named in str(err.value)
+    assert not [m for m in messages if m["type"] == "lora_trainer.progress"]  # no training step ran
+
+
+def test_missing_vae_is_refused_naming_it(server):
+    wf = training("samples/no_vae", {})
+    del wf["samples"]["inputs"]["vae"]
+    with pytest.raises(harness.PromptError) as err:
+        server.queue(wf)
+    assert "vae" in str(err.value)
