@@ -18,14 +18,15 @@ NAMES = sorted(p.stem for p in TEMPLATES.glob("*.json"))
 def test_templates_are_in_comfyuis_template_list(server):
     listed = server.get("/workflow_templates")
     assert sorted(listed["lora_trainer"]) == NAMES == ["lora_trainer_demo_tiny_model", "lora_trainer_edit_flux_kontext",
-                                                       "lora_trainer_real_world"]
+                                                       "lora_trainer_real_world", "lora_trainer_samples_flux"]
     for name in NAMES:
         ui = server.get(f"/api/workflow_templates/lora_trainer/{name}.json")
         api = json.loads((TEMPLATES / "api" / f"{name}.json").read_text())
         assert sorted(n["type"] for n in ui["nodes"]) == sorted(n["class_type"] for n in api.values())
 
 
-@pytest.mark.parametrize("name", ["lora_trainer_real_world", "lora_trainer_edit_flux_kontext"])
+@pytest.mark.parametrize("name", ["lora_trainer_real_world", "lora_trainer_edit_flux_kontext",
+                                  "lora_trainer_samples_flux"])
 def test_real_world_template_uses_existing_nodes(server, name):
     info = server.object_info()
     api = json.loads((TEMPLATES / "api" / f"{name}.json").read_text())

@@ -168,3 +168,31 @@ def test_missing_vae_is_refused_naming_it(server):
     with pytest.raises(harness.PromptError) as err:
         server.queue(wf)
     assert "vae" in str(err.value)
+
+
+def test_samples_template_trains_and_writes_its_grid(server):
+    """The Flux template with samples on generated stand-ins for its files (a tiny SD3 that takes CLIP-L's
+    conditioning, CLIP-L for Flux's two text encoders, a 16-channel TAESD for Flux's VAE), 4 steps, samples every 2
+    steps at 64×64: the grid of 1 prompt × steps 0, 2, 4 comes out of Sample Grid and is kept in test-artifacts/."""
+    from tests.test_edit_pairs import pictures, write
+
+    dataset_models.install(server.base_dir, "clip_l.safetensors", "taesd16.safetensors", "sd3_clip_l.safetensors")
+    api = json.loads((harness.REPO / "example_workflows" / "api" / "lora_trainer_samples_flux.json").read_text())
+    api["model"]["inputs"].update(unet_name="sd3_clip_l.safetensors", weight_dtype="default")
+    api["clip"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "clip_l.safetensors", "type": "sd3"}}
+    api["vae"]["inputs"]["vae_name"] = "taesd16.safetensors"
+    a, b = pictures(7, (64, 64), (64, 64))
+    api["images"]["inputs"]["folder"] = write(server.base_dir / "input" / "samples_template",
+                                              {"a.png": a, "b.png": b}, {"a": "a red square", "b": "a blue square"})
+    api["train"]["inputs"].update(steps=4, training_dtype="fp32", lora_dtype="fp32", learning_rate=0.01)
+    api["samples"]["inputs"].update(width=64, height=64, steps=4, every_n_steps=2)
+    server.free()  # a model of an earlier test leaves memory first
+    entry = server.run(api)
+    shown = entry["outputs"]["grid"]["images"]
+    assert shown and shown == entry["outputs"]["train"]["images"]
+    grid = server.base_dir / "output" / shown[0]["subfolder"] / shown[0]["filename"]
+    assert shown[0]["subfolder"] == "flux/my_lora_samples"
+    assert Image.open(grid).size == (3 * 64, 18 + 64)
+    artifacts = harness.REPO / "test-artifacts" / "samples"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "template_grid.png").write_bytes(grid.read_bytes())

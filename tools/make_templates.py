@@ -1,5 +1,7 @@
 """Regenerates example_workflows/ (UI format, for ComfyUI's template list) and example_workflows/api/ (API format,
-used by the tests) from tools/workflows.py, converting through the real frontend (``app.loadApiJson``)."""
+used by the tests) from tools/workflows.py, converting through the real frontend (``app.loadApiJson``).
+
+    python tools/make_templates.py [NAME ...]    (no names: every template)"""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,7 @@ import workflows  # noqa: E402
 OUT = harness.REPO / "example_workflows"
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
     from playwright.sync_api import sync_playwright
 
     (OUT / "api").mkdir(parents=True, exist_ok=True)
@@ -26,6 +28,8 @@ def main() -> None:
         page.goto(server.url)
         page.wait_for_function("window.app && window.app.graph", timeout=90000)
         for name, build in workflows.TEMPLATES.items():
+            if names and name not in names:
+                continue
             api = build()
             (OUT / "api" / f"{name}.json").write_text(json.dumps(api, indent=2) + "\n")
             ui = page.evaluate("async ([api, name]) => { await app.loadApiJson(api, name); app.graph.arrange?.(); "
@@ -36,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

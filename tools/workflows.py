@@ -204,5 +204,24 @@ def edit_flux_kontext() -> dict:
     return wf
 
 
+def samples_flux() -> dict:
+    """The real-world Flux dev graph with sample images while training: Training Options with a Training Samples node
+    (one prompt through Flux's text encoders and FluxGuidance, an empty negative, Flux's VAE, every 100 steps and at
+    step 0) and a Sample Grid of the run."""
+    wf = with_options(real_world())
+    wf["sample_prompt"] = {"class_type": "CLIPTextEncode", "inputs": {
+        "text": "a photo of my subject in a park, golden hour", "clip": ["clip", 0]}}
+    wf["sample_guidance"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["sample_prompt", 0],
+                                                                       "guidance": 3.5}}
+    wf["sample_negative"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["sample_prompt", 0]}}
+    wf["samples"] = {"class_type": "LoraTrainer_TrainingSamples", "inputs": {
+        **TRAINING_SAMPLES_DEFAULTS, "width": 1024, "height": 1024, "steps": 20, "cfg": 1.0, "every_n_steps": 100,
+        "filename_prefix": "flux/my_lora", "positive": ["sample_guidance", 0], "negative": ["sample_negative", 0],
+        "vae": ["vae", 0], "prompt_labels": "a photo of my subject in a park, golden hour"}}
+    wf["options"]["inputs"]["samples"] = ["samples", 0]
+    wf["grid"] = {"class_type": "LoraTrainer_SampleGrid", "inputs": {"loss": ["train", 2]}}
+    return wf
+
+
 TEMPLATES = {"lora_trainer_demo_tiny_model": demo, "lora_trainer_real_world": real_world,
-             "lora_trainer_edit_flux_kontext": edit_flux_kontext}
+             "lora_trainer_edit_flux_kontext": edit_flux_kontext, "lora_trainer_samples_flux": samples_flux}
