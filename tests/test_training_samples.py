@@ -196,3 +196,15 @@ def test_samples_template_trains_and_writes_its_grid(server):
     artifacts = harness.REPO / "test-artifacts" / "samples"
     artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / "template_grid.png").write_bytes(grid.read_bytes())
+
+
+def test_headless_writes_the_samples_too(server, vae, tmp_path):
+    from tests.test_headless import explain, run_headless
+
+    proc = run_headless(tmp_path, server.base_dir, training("samples/headless", {"filename_prefix": "samples/hl"}))
+    assert proc.returncode == 0, explain(proc)
+    lines = [line for line in proc.stdout.splitlines() if ": samples samples/hl_samples/" in line]
+    assert [line.split(":")[0].split()[-1] for line in lines] == ["0", "2", "4"], explain(proc)
+    files = sorted((server.base_dir / "output" / "samples" / "hl_samples").glob("*.png"))
+    assert len([f for f in files if "_step" in f.name]) == 6 and [f.name for f in files if "grid" in f.name]
+    assert "[grid] LoraTrainer_SampleGrid" in proc.stdout, explain(proc)
