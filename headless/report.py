@@ -95,9 +95,10 @@ class Report:
         smoothed = f"  smoothed {d['smoothed_loss']:.6f}" if d.get("smoothed_loss") is not None else ""
         rate = f"  lr {d['learning_rate']:.2e}" if d.get("learning_rate") is not None else ""
         eta = f"  eta {duration(d['eta_s'])}" if d.get("eta_s") is not None else ""
+        sampling = f"  sampling {duration(d['sampling_s'])}" if d.get("sampling_s") else ""
         width = len(str(steps))
         self._line(f"  [{d.get('node')}] step {step:>{width}}/{steps} {bar(step, steps)} "
-                   f"{loss}{smoothed}{rate}{eta}")
+                   f"{loss}{smoothed}{rate}{eta}{sampling}")
 
     def on_progress(self, node_id: Any, value: int, total: int) -> None:
         """ComfyUI's progress bar (any node). Redrawn in place on a terminal; the training's steps print anyway."""

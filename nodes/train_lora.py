@@ -224,7 +224,7 @@ class TrainLoRA:
                 cancelled=comfy.model_management.processing_interrupted, micro_step=lambda: pbar.update(1),
                 step=on_step, cancel_exceptions=(comfy.model_management.InterruptProcessingException,),
                 checkpoint_every=run.save_every_n_steps, checkpoint=saves,
-                **({"sample_schedule": run.samples.schedule, "sample": sampler} if sampler else {}))
+                **training_samples.loop_hooks(sampler))
             with attached(root, adapters), checkpointed(root, gradient_checkpointing):
                 try:
                     result = loop.train(adapters.trainable(), groups, comfy_bridge.denoiser(clone, conditioning),

@@ -10,8 +10,8 @@ import folder_paths
 from ..training.schedules import LR_SCHEDULES, LRSchedule
 from ..training.timesteps import TIMESTEP_SAMPLINGS, TimestepSampling
 from . import inputs
-from .training_samples import SAMPLES_TYPE
 from .safe_files import listed
+from .training_samples import SAMPLES_TYPE, SampleSpec
 
 OPTIONS_TYPE = "LORA_TRAINING_OPTIONS"
 NONE = "[None]"
@@ -41,7 +41,7 @@ class RunOptions:
     rs_lora: bool = False
     validate_every_n_steps: int = 0
     validation: tuple | None = None  # (LATENT list, CONDITIONING list) as the node received them
-    samples: object | None = None  # a Training Samples node's SampleSpec: images rendered while training
+    samples: SampleSpec | None = None  # from a Training Samples node: images rendered while training
 
     @classmethod
     def of(cls, options: dict | None) -> "RunOptions":

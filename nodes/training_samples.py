@@ -270,6 +270,11 @@ def renderer_for(spec: SampleSpec | None, patcher, node_id, pbar, device: torch.
     return renderer
 
 
+def loop_hooks(renderer: Renderer | None) -> dict:
+    """The loop.Callbacks fields that make the loop call ``renderer`` on its schedule (none without samples)."""
+    return {} if renderer is None else {"sample_schedule": renderer.spec.schedule, "sample": renderer}
+
+
 def _row(images: list[Image.Image]) -> Image.Image:
     """The prompts of one step side by side: the live preview."""
     out = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))

@@ -3,6 +3,8 @@ server on the tiny SD3 with a generated 16-channel TAESD as its VAE."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -170,6 +172,8 @@ def test_missing_vae_is_refused_naming_it(server):
     assert "vae" in str(err.value)
 
 
+@pytest.mark.slow("the template on stand-ins (~50 s: a CLIP-L text encoder, a folder data set); the fast tests cover "
+                  "sampling on the same tiny SD3")
 def test_samples_template_trains_and_writes_its_grid(server):
     """The Flux template with samples on generated stand-ins for its files (a tiny SD3 that takes CLIP-L's
     conditioning, CLIP-L for Flux's two text encoders, a 16-channel TAESD for Flux's VAE), 4 steps, samples every 2
@@ -198,6 +202,8 @@ def test_samples_template_trains_and_writes_its_grid(server):
     (artifacts / "template_grid.png").write_bytes(grid.read_bytes())
 
 
+@pytest.mark.slow("a headless subprocess loading ComfyUI (~50 s); tests/test_headless.py covers the runner, the fast "
+                  "tests here the sampling")
 def test_headless_writes_the_samples_too(server, vae, tmp_path):
     from tests.test_headless import explain, run_headless
 
@@ -208,3 +214,40 @@ def test_headless_writes_the_samples_too(server, vae, tmp_path):
     files = sorted((server.base_dir / "output" / "samples" / "hl_samples").glob("*.png"))
     assert len([f for f in files if "_step" in f.name]) == 6 and [f.name for f in files if "grid" in f.name]
     assert "[grid] LoraTrainer_SampleGrid" in proc.stdout, explain(proc)
+    assert re.search(r"step 4/4 .* sampling \d+:\d\d:\d\d", proc.stdout), explain(proc)  # its time apart
+
+
+@pytest.mark.slow("torchrun starts 2 ranks of the headless runner, each loading ComfyUI (~30-60 s); the headless "
+                  "test covers the runner and the unit tests a cancel during sampling")
+def test_torchrun_samples_are_written_by_rank_0_only(server, vae, tmp_path):
+    from tests.test_distributed import env, job
+
+    wf = training("samples/ddp", {"filename_prefix": "samples/ddp"}, batch_size=1)
+    proc = subprocess.run(job(tmp_path, server.base_dir, wf, 2), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env=env())
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    files = sorted((server.base_dir / "output" / "samples" / "ddp_samples").glob("*.png"))
+    assert len([f for f in files if "_step" in f.name]) == 6, files  # 2 prompts × steps 0, 2, 4, once
+    assert len([f for f in files if f.name.endswith("_grid.png")]) == 1, files
+
+
+@pytest.mark.slow("a second family (a video model with a Wan VAE, ~40 s); the SD3 tests cover the sampling path")
+def test_a_video_model_samples_a_clip(server, vae):
+    """The tiny Wan 2.1 with a Wan VAE: each sample is a clip of `length` frames (its first frame as the PNG and in
+    the grid, the clip beside it as an animated WebP)."""
+    dataset_models.install(server.base_dir, "wan_vae.safetensors")
+    wf = wfs.with_options(wfs.train(wfs.sd3_model("tiny_wan.safetensors"), wfs.test_data("wan", count=2, size=8),
+                                    save_prefix=None, steps=2, seed=3, **FAST))
+    prompts = [f"p{i}" for i in range(2)]
+    for i, seed in enumerate((101, 102)):
+        wf[prompts[i]] = wfs.test_data("wan", count=1, seed=seed)["data"]
+    wf = wfs.with_samples(wf, prompts=[[p, 1] for p in prompts], vae="wan_vae.safetensors", length=5,
+                          filename_prefix="samples/wan", every_n_steps=2)
+    entry, messages = run_listening(server, wf)
+    sampled = [m["data"] for m in messages if m["type"] == "lora_trainer.sample"]
+    assert [s["step"] for s in sampled] == [0, 2]
+    first = server.base_dir / "output" / sampled[0]["files"][0]
+    assert json.loads(Image.open(first).text["lora_trainer_sample"])["frames"] == 5
+    clip = Image.open(first.with_suffix(".webp"))
+    assert clip.n_frames == 5 and clip.size == Image.open(first).size == (64, 64)
+    assert entry["outputs"]["grid"]["images"]
