@@ -97,8 +97,13 @@ def test_samples_on_the_node_and_on_disk_every_n_steps_and_the_lora_is_unchanged
     assert all(torch.equal(with_samples[k], without[k]) for k in with_samples)
 
     # the same sampling seed gives the same images (another prefix, so the prompt runs again)
-    again, messages = run_listening(server, training("samples/again", {"filename_prefix": "samples/run_b"}))
+    again, messages = run_listening(server, training("samples/again", {"filename_prefix": "samples/run_b",
+                                                                       "prompt_labels": "a red cat\na blue dog"}))
     repeated = [m["data"] for m in messages if m["type"] == "lora_trainer.sample"]
+    # the labels name the files and are the PNGs' prompt
+    assert repeated[0]["files"][1].endswith("_step000000_p2_a_blue_dog.png")
+    assert json.loads(Image.open(server.base_dir / "output" / repeated[0]["files"][1]).text[
+        "lora_trainer_sample"])["prompt"] == "a blue dog"
     for a, b in zip(sampled, repeated):
         assert all(np.array_equal(pixels(server, x), pixels(server, y)) for x, y in zip(a["files"], b["files"]))
 
