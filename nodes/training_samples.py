@@ -264,8 +264,10 @@ def renderer_for(spec: SampleSpec | None, patcher, node_id, pbar, device: torch.
     Each step's images go to the node as ComfyUI's live previews do (through its progress bar)."""
     if spec is None:
         return None
-    renderer = Renderer(spec, patcher, node_id,
-                        lambda image: pbar.update_absolute(pbar.current, pbar.total, ("PNG", image, PREVIEW_SIZE)))
+    def preview(image: Image.Image) -> None:  # ComfyUI scales a preview to its max size: never up
+        pbar.update_absolute(pbar.current, pbar.total, ("PNG", image, min(PREVIEW_SIZE, max(image.size))))
+
+    renderer = Renderer(spec, patcher, node_id, preview)
     renderer.check(device)
     return renderer
 

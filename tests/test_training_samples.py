@@ -256,3 +256,40 @@ def test_a_video_model_samples_a_clip(server, vae):
     clip = Image.open(first.with_suffix(".webp"))
     assert clip.n_frames == 5 and clip.size == Image.open(first).size == (64, 64)
     assert entry["outputs"]["grid"]["images"]
+
+
+@pytest.mark.slow("drives the real frontend in Chromium (~60 s); the fast test sees the same previews on the websocket")
+def test_the_frontend_shows_the_samples_live_on_the_training_node_and_the_grid_after(server, vae):
+    """The graph loaded into the real frontend and queued there: a sample preview appears on Train LoRA while it
+    runs, the grid once it is done (screenshots in test-artifacts/browser/)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM, open_app, shot
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        try:
+            page = open_app(browser, server, "en")
+            api = training("samples/browser", {"filename_prefix": "samples/browser"}, steps=6)
+            page.evaluate("async (api) => { await app.loadApiJson(api, 'samples'); app.graph.arrange?.(); }", api)
+            train = page.evaluate("""() => {
+              const node = app.graph._nodes.find((n) => n.type === 'LoraTrainer_TrainLoRA');
+              app.canvas.ds.scale = 0.6;  // the whole node, previews below its chart included, in the screenshots
+              app.canvas.centerOnNode?.(node);
+              app.graph.setDirtyCanvas(true, true);
+              return String(node.id);
+            }""")
+            page.evaluate("() => app.queuePrompt(0, 1)")
+            page.wait_for_function("(id) => (app.nodePreviewImages?.[id] ?? []).length > 0", arg=train,
+                                   timeout=300000, polling=50)
+            shot(page, "samples_live_preview")
+            page.wait_for_function("(id) => (app.nodeOutputs?.[id]?.images ?? []).length > 0", arg=train,
+                                   timeout=300000)
+            images = page.evaluate("(id) => app.nodeOutputs[id].images", train)
+            assert images[0]["subfolder"] == "samples/browser_samples" and images[0]["filename"].endswith("_grid.png")
+            page.wait_for_timeout(4000)  # the frontend drops the last live preview for the outputs after a delay
+            shot(page, "samples_grid_on_the_node")
+        finally:
+            browser.close()
