@@ -571,3 +571,15 @@ def with_lora(patcher, lora: dict[str, torch.Tensor], strength: float = 1.0):
     check_comfy_reads(patcher, lora)
     model, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)
     return model
+
+
+def decode_audio(path: str) -> tuple[torch.Tensor, int]:
+    """An audio file decoded as ComfyUI's own Load Audio node decodes it (PyAV): (channels, samples) float32 in
+    [-1, 1] and its sample rate. ComfyUI's audio nodes (this decoder, VAEEncodeAudio) import torchaudio: without it
+    ComfyUI does not load them, and an audio data set has nothing to be encoded by."""
+    try:
+        from comfy_extras.nodes_audio import load
+    except ImportError as e:
+        raise RuntimeError(f"ComfyUI's audio nodes cannot be loaded ({e}); they need torchaudio (and PyAV), which "
+                           f"ComfyUI's requirements list: install them into ComfyUI's Python") from None
+    return load(path)

@@ -1,4 +1,5 @@
 """Node ids (stable forever: saved workflows refer to them) and display names."""
+from .audio_clips import LoadAudioClips
 from .companions import ApplyLoRA, LossGraph
 from .convert_lora import ConvertLoRA
 from .save_lora import SaveLoRA
@@ -15,6 +16,7 @@ NODES = {
     "LoraTrainer_SaveTrainingDataset": (SaveTrainingDataset, "Save Training Data Set (LoRA Trainer)"),
     "LoraTrainer_LoadTrainingDataset": (LoadTrainingDataset, "Load Training Data Set (LoRA Trainer)"),
     "LoraTrainer_LoadEditPairs": (LoadEditPairs, "Load Edit Pairs (LoRA Trainer)"),
+    "LoraTrainer_LoadAudioClips": (LoadAudioClips, "Load Audio Clips (LoRA Trainer)"),
     "LoraTrainer_TrainingOptions": (TrainingOptions, "Training Options (LoRA Trainer)"),
     "LoraTrainer_ConvertLoRA": (ConvertLoRA, "Convert LoRA (LoRA Trainer)"),
 }
