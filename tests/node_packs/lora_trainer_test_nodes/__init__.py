@@ -187,3 +187,8 @@ NODE_CLASS_MAPPINGS["LoraTrainerTest_FailOnRank"] = FailOnRank
 from .dataset_report import DescribeDataset  # noqa: E402
 
 NODE_CLASS_MAPPINGS["LoraTrainerTest_DescribeDataset"] = DescribeDataset
+
+from .audio import DescribeAudio, FamilyCaption  # noqa: E402
+
+NODE_CLASS_MAPPINGS["LoraTrainerTest_DescribeAudio"] = DescribeAudio
+NODE_CLASS_MAPPINGS["LoraTrainerTest_FamilyCaption"] = FamilyCaption

@@ -1,0 +1,195 @@
+"""Audio data sets through the real server: a folder of clips with captions (and lyrics) → Load Audio Clips →
+ComfyUI's own VAE Encode Audio → Train LoRA on ACE-Step 1.5 → ComfyUI's LoraModelLoader → a generated audio latent.
+
+- The node's outputs: each clip decoded by ComfyUI's own audio loader (PyAV), stereo, cut or padded with silence to
+  the chosen seconds at its own sample rate, with its caption and lyrics; a changed caption loads again.
+- A folder that is no audio data set, or a file that is no audio, is an error naming the file.
+- Training (ComfyUI 0.33, which has ACE-Step 1.5): generated clips encoded by a generated ACE-Step 1.5 VAE (the
+  full-size Oobleck VAE ComfyUI builds, seeded: tools/dataset_models.py) train a LoRA on a tiny ACE-Step 1.5; its
+  every key loads in LoraModelLoader and it changes the audio latent KSampler generates. ACE-Step 1.5's text encoder
+  (Qwen3 language models, 0.6 B parameters and up) is replaced by a stand-in node that gives each clip's caption and
+  lyrics their own conditioning of ACE-Step 1.5's shape, in the place of ComfyUI's TextEncodeAceStepAudio1.5.
+ComfyUI's audio nodes import torchaudio: the server needs it (tools/requirements-dev.txt).
+"""
+from __future__ import annotations
+
+import math
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dataset_models
+import family_models as fm
+import harness
+import workflows as wfs
+
+pytestmark = pytest.mark.fast
+
+NODE = "LoraTrainer_LoadAudioClips"
+TRAIN = {"steps": 2, "batch_size": 2, "learning_rate": 0.001, "rank": 4, "training_dtype": "fp32",
+         "lora_dtype": "fp32", "gradient_checkpointing": False}
+
+
+def tone(seed: int, seconds: float, rate: int, channels: int) -> np.ndarray:
+    """A seeded chord with noise, as 16-bit PCM (samples, channels)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * rate)) / rate
+    chord = sum(np.sin(2 * math.pi * f * t) for f in rng.uniform(110, 880, 3)) / 4
+    pcm = chord[:, None] + 0.05 * rng.standard_normal((t.size, channels))
+    return np.clip(pcm * 32767, -32768, 32767).astype("<i2")
+
+
+def write_wav(path: Path, pcm: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(pcm.shape[1])
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+
+
+def write_flac(path: Path, pcm: np.ndarray, rate: int) -> None:
+    """A lossless FLAC through PyAV (ComfyUI's own audio library)."""
+    import av
+
+    with av.open(str(path), "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=rate, layout="mono" if pcm.shape[1] == 1 else "stereo")
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16",
+                                           layout="mono" if pcm.shape[1] == 1 else "stereo")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+
+
+def write(folder: Path, clips: dict[str, tuple[np.ndarray, int]], texts: dict[str, str]) -> str:
+    """Clips (``.wav`` or ``.flac`` by name) and text files in an input subfolder; its name, as the node takes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (pcm, rate) in clips.items():
+        (write_flac if name.endswith(".flac") else write_wav)(folder / name, pcm, rate)
+    for name, text in texts.items():
+        (folder / name).write_text(text + "\n", encoding="utf-8")
+    return folder.name
+
+
+def audio_clips(folder: str, seconds: float, node_id: str = "clips") -> dict:
+    return {node_id: {"class_type": NODE, "inputs": {"folder": folder, "seconds": seconds}}}
+
+
+def described(server, folder: str, seconds: float, samples: int = 8) -> dict:
+    wf = {**audio_clips(folder, seconds), "report": {"class_type": "LoraTrainerTest_DescribeAudio", "inputs": {
+        "samples": samples, "audio": ["clips", 0], "captions": ["clips", 1], "lyrics": ["clips", 2]}}}
+    return server.run(wf)["outputs"]["report"]
+
+
+def test_each_clip_is_decoded_as_stereo_of_the_chosen_length_with_its_caption_and_lyrics(server):
+    a = tone(0, 0.5, 22050, 1)  # mono: heard on both channels
+    b = tone(1, 0.2, 16000, 2)  # shorter than the length: padded with silence
+    c = tone(2, 0.5, 48000, 1)
+    root = server.base_dir / "input" / "audio_layout"
+    folder = write(root, {"a.wav": (a, 22050), "b.wav": (b, 16000), "c.flac": (c, 48000)},
+                   {"a.txt": "rock, electric guitar", "b.txt": "jazz, piano", "c.txt": "ambient",
+                    "a.lyrics.txt": "[verse]\nla la la"})
+    report = described(server, folder, 0.3, samples=8)
+    assert [x["sample_rate"] for x in report["audio"]] == [22050, 16000, 48000]
+    assert [x["shape"] for x in report["audio"]] == [[1, 2, 6615], [1, 2, 4800], [1, 2, 14400]]
+    assert report["audio"][0]["pcm"] == [a[:8, 0].tolist()] * 2
+    assert report["audio"][1]["pcm"] == b[:8].T.tolist()
+    assert report["audio"][2]["pcm"] == [c[:8, 0].tolist()] * 2
+    assert report["captions"] == ["rock, electric guitar", "jazz, piano", "ambient"]
+    assert report["lyrics"] == ["[verse]\nla la la", "", ""]
+    # b's 0.2 s end in silence up to 0.3 s: its last samples are zeros
+    tail = described(server, folder, 0.3, samples=4800)["audio"][1]["pcm"]
+    assert tail[0][3200:] == [0] * 1600 and tail[0][:3200] == b[:, 0].tolist()
+    # 0 s: each clip's own length
+    assert [x["shape"][2] for x in described(server, folder, 0.0)["audio"]] == [11025, 3200, 24000]
+
+    # Files changed since: loaded again, not ComfyUI's cached result of the same folder name.
+    (root / "a.txt").write_text("metal\n", encoding="utf-8")
+    assert described(server, folder, 0.3)["captions"][0] == "metal"
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.wav": True, "b.wav": True, "a.txt": "rock"}, r"folder: b\.wav has no caption file b\.txt"),
+    ({"a.wav": False, "a.txt": "rock"}, r"folder: a\.wav is not an audio file that can be read"),
+    ({"a.txt": "rock"}, r"folder: 'audio_bad' holds no audio files"),
+])
+def test_a_folder_that_is_no_audio_data_set_names_the_file(server, files, message, tmp_path):
+    root = server.base_dir / "input" / "audio_bad"
+    for old in root.glob("*") if root.exists() else ():
+        old.unlink()
+    clips = {name: (tone(3, 0.1, 8000, 1), 8000) for name, good in files.items() if good is True}
+    folder = write(root, clips, {name: text for name, text in files.items() if isinstance(text, str)})
+    for name in (n for n, good in files.items() if good is False):
+        (root / name).write_bytes(b"RIFF not really a wave file")
+    with pytest.raises(harness.PromptError, match=message):
+        described(server, folder, 0.1)
+
+
+@pytest.fixture(scope="module")
+def ace_step15(comfy_server) -> str:
+    """The tiny ACE-Step 1.5 of the family matrix, linked where UNETLoader finds it (ComfyUI 0.33+)."""
+    import comfy.supported_models
+
+    if not hasattr(comfy.supported_models, "ACEStep15"):
+        pytest.skip(f"ComfyUI {harness.comfyui_version()} has no ACE-Step 1.5 (ACEStep15: ComfyUI 0.33+); its "
+                    f"ACE-Step 1 has a fixed 3.3 B-parameter layout")
+    family = fm.BY_NAME["ace_step15"]
+    path = fm.write(family, fm.build(family), harness.REPO / ".cache" / "family_models" / harness.comfyui_version())
+    link = comfy_server.base_dir / "models" / "diffusion_models" / path.name
+    if not link.exists():
+        link.symlink_to(path)
+    dataset_models.install(comfy_server.base_dir, "ace15_vae.safetensors")
+    return path.name
+
+
+def generated(model: list, positive: list) -> dict:
+    """One step of KSampler from an empty 0.8 s ACE-Step 1.5 latent (a fixed seed)."""
+    return {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": 3, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": positive, "negative": positive, "latent_image": ["empty", 0], "denoise": 1.0}}
+
+
+@pytest.mark.slow("encodes with a full-size (169 M-parameter) audio VAE and trains a 318 M-parameter ACE-Step 1.5 on "
+                  "the CPU (about a minute); the fast tests check the node's outputs")
+def test_an_ace_step15_lora_trains_on_audio_clips_and_changes_the_generated_latent(server, ace_step15):
+    root = server.base_dir / "input"
+    folder = write(root / "audio_train", {"a.wav": (tone(4, 1.0, 48000, 2), 48000),
+                                          "b.wav": (tone(5, 0.6, 44100, 1), 44100)},
+                   {"a.txt": "rock, electric guitar", "b.txt": "jazz, piano", "a.lyrics.txt": "[verse]\nla la la"})
+    wf = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": ace_step15, "weight_dtype": "default"}},
+          "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "ace15_vae.safetensors"}},
+          **audio_clips(folder, 0.8),
+          "latents": {"class_type": "VAEEncodeAudio", "inputs": {"audio": ["clips", 0], "vae": ["vae", 0]}},
+          "text": {"class_type": "LoraTrainerTest_FamilyCaption", "inputs": {
+              "family": "ace_step15", "tags": ["clips", 1], "lyrics": ["clips", 2]}},
+          "train": {"class_type": "LoraTrainer_TrainLoRA", "inputs": {
+              **wfs.TRAIN_DEFAULTS, **TRAIN, "model": ["model", 0], "latents": ["latents", 0],
+              "positive": ["text", 0]}},
+          "save": {"class_type": "LoraTrainer_SaveLoRA", "inputs": {
+              "lora": ["train", 1], "prefix": "audio/ace_step15", "steps": ["train", 3], "captions": ["clips", 1]}},
+          "lora": {"class_type": "LoraModelLoader", "inputs": {
+              "model": ["model", 0], "lora": ["train", 1], "strength_model": 1.0}},
+          "prompt": {"class_type": "LoraTrainerTest_FamilyCaption", "inputs": {
+              "family": "ace_step15", "tags": "rock", "lyrics": ""}},
+          "empty": {"class_type": "EmptyAceStep1.5LatentAudio", "inputs": {"seconds": 0.8, "batch_size": 1}},
+          "base": generated(["model", 0], ["prompt", 0]),
+          "with_lora": generated(["lora", 0], ["prompt", 0]),
+          "report_data": {"class_type": "LoraTrainerTest_DescribeAudio", "inputs": {
+              "samples": 0, "audio": ["clips", 0], "latents": ["latents", 0]}},
+          "report_base": {"class_type": "LoraTrainerTest_DescribeAudio", "inputs": {
+              "samples": 0, "latents": ["base", 0]}},
+          "report_lora": {"class_type": "LoraTrainerTest_DescribeAudio", "inputs": {
+              "samples": 0, "latents": ["with_lora", 0]}}}
+    server.free()  # other tests' models leave memory first
+    log_start = len(server.log_text())
+    outputs = server.run(wf)["outputs"]
+    log = server.log_text()[log_start:]
+    # 0.8 s of each clip (b resampled from 44.1 kHz by VAE Encode Audio) at 25 latent frames a second
+    assert [x["shape"] for x in outputs["report_data"]["latents"]] == [[1, 64, 20], [1, 64, 20]]
+    assert len(outputs["train"]["lora_trainer_loss"]) == TRAIN["steps"]
+    assert outputs["save"]["text"][0].startswith("audio/ace_step15_2_steps")
+    assert "lora key not loaded" not in log, next(l for l in log.splitlines() if "lora key not loaded" in l)
+    base, with_lora = outputs["report_base"]["latents"][0], outputs["report_lora"]["latents"][0]
+    assert base["shape"] == with_lora["shape"] == [1, 64, 20]
+    assert base["digest"] != with_lora["digest"], "the LoRA left the generated audio latent unchanged"
