@@ -144,7 +144,7 @@ def ace_step15(comfy_server) -> str:
 
 
 def generated(model: list, positive: list) -> dict:
-    """One step of KSampler from an empty 0.8 s ACE-Step 1.5 latent (a fixed seed)."""
+    """One step of KSampler from an empty 1 s ACE-Step 1.5 latent (a fixed seed)."""
     return {"class_type": "KSampler", "inputs": {
         "model": model, "seed": 3, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
         "positive": positive, "negative": positive, "latent_image": ["empty", 0], "denoise": 1.0}}
@@ -159,7 +159,7 @@ def test_an_ace_step15_lora_trains_on_audio_clips_and_changes_the_generated_late
                    {"a.txt": "rock, electric guitar", "b.txt": "jazz, piano", "a.lyrics.txt": "[verse]\nla la la"})
     wf = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": ace_step15, "weight_dtype": "default"}},
           "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "ace15_vae.safetensors"}},
-          **audio_clips(folder, 0.8),
+          **audio_clips(folder, 1.0),
           "latents": {"class_type": "VAEEncodeAudio", "inputs": {"audio": ["clips", 0], "vae": ["vae", 0]}},
           "text": {"class_type": "LoraTrainerTest_FamilyCaption", "inputs": {
               "family": "ace_step15", "tags": ["clips", 1], "lyrics": ["clips", 2]}},
@@ -172,7 +172,7 @@ def test_an_ace_step15_lora_trains_on_audio_clips_and_changes_the_generated_late
               "model": ["model", 0], "lora": ["train", 1], "strength_model": 1.0}},
           "prompt": {"class_type": "LoraTrainerTest_FamilyCaption", "inputs": {
               "family": "ace_step15", "tags": "rock", "lyrics": ""}},
-          "empty": {"class_type": "EmptyAceStep1.5LatentAudio", "inputs": {"seconds": 0.8, "batch_size": 1}},
+          "empty": {"class_type": "EmptyAceStep1.5LatentAudio", "inputs": {"seconds": 1.0, "batch_size": 1}},
           "base": generated(["model", 0], ["prompt", 0]),
           "with_lora": generated(["lora", 0], ["prompt", 0]),
           "report_data": {"class_type": "LoraTrainerTest_DescribeAudio", "inputs": {
@@ -183,13 +183,13 @@ def test_an_ace_step15_lora_trains_on_audio_clips_and_changes_the_generated_late
               "samples": 0, "latents": ["with_lora", 0]}}}
     server.free()  # other tests' models leave memory first
     log_start = len(server.log_text())
-    outputs = server.run(wf)["outputs"]
+    outputs = server.run(server.with_defaults(wf))["outputs"]
     log = server.log_text()[log_start:]
-    # 0.8 s of each clip (b resampled from 44.1 kHz by VAE Encode Audio) at 25 latent frames a second
-    assert [x["shape"] for x in outputs["report_data"]["latents"]] == [[1, 64, 20], [1, 64, 20]]
+    # 1 s of each clip (b padded, and resampled from 44.1 kHz by VAE Encode Audio) at 25 latent frames a second
+    assert [x["shape"] for x in outputs["report_data"]["latents"]] == [[1, 64, 25], [1, 64, 25]]
     assert len(outputs["train"]["lora_trainer_loss"]) == TRAIN["steps"]
     assert outputs["save"]["text"][0].startswith("audio/ace_step15_2_steps")
     assert "lora key not loaded" not in log, next(l for l in log.splitlines() if "lora key not loaded" in l)
     base, with_lora = outputs["report_base"]["latents"][0], outputs["report_lora"]["latents"][0]
-    assert base["shape"] == with_lora["shape"] == [1, 64, 20]
+    assert base["shape"] == with_lora["shape"] == [1, 64, 25]
     assert base["digest"] != with_lora["digest"], "the LoRA left the generated audio latent unchanged"
