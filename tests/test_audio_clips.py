@@ -4,17 +4,19 @@ ComfyUI's own VAE Encode Audio → Train LoRA on ACE-Step 1.5 → ComfyUI's Lora
 - The node's outputs: each clip decoded by ComfyUI's own audio loader (PyAV), stereo, cut or padded with silence to
   the chosen seconds at its own sample rate, with its caption and lyrics; a changed caption loads again.
 - A folder that is no audio data set, or a file that is no audio, is an error naming the file.
-- Training (ComfyUI 0.33, which has ACE-Step 1.5): generated clips encoded by a generated ACE-Step 1.5 VAE (the
-  full-size Oobleck VAE ComfyUI builds, seeded: tools/dataset_models.py) train a LoRA on a tiny ACE-Step 1.5; its
-  every key loads in LoraModelLoader and it changes the audio latent KSampler generates. ACE-Step 1.5's text encoder
-  (Qwen3 language models, 0.6 B parameters and up) is replaced by a stand-in node that gives each clip's caption and
-  lyrics their own conditioning of ACE-Step 1.5's shape, in the place of ComfyUI's TextEncodeAceStepAudio1.5.
+- Training: generated clips encoded by a generated VAE of the family (the full-size Oobleck VAE ComfyUI builds,
+  seeded: tools/dataset_models.py) train a LoRA on the family matrix's ACE-Step 1.5 and Stable Audio (ComfyUI 0.33;
+  0.3.75 has no ACE-Step 1.5 and detects Stable Audio only at 1.06 B parameters: skipped there); its every key loads in LoraModelLoader and it changes the
+  audio latent KSampler generates. The text encoders (ACE-Step 1.5's Qwen3 language models, 0.6 B parameters and up;
+  Stable Audio's T5) are replaced by a stand-in node that gives each clip's caption and lyrics their own conditioning
+  of the family's shape, in the place of ComfyUI's TextEncodeAceStepAudio1.5.
 ComfyUI's audio nodes import torchaudio: the server needs it (tools/requirements-dev.txt).
 """
 from __future__ import annotations
 
 import math
 import wave
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ import pytest
 import dataset_models
 import family_models as fm
 import harness
+import untrainable_families
 import workflows as wfs
 
 pytestmark = pytest.mark.fast
@@ -126,53 +129,86 @@ def test_a_folder_that_is_no_audio_data_set_names_the_file(server, files, messag
         described(server, folder, 0.1)
 
 
-@pytest.fixture(scope="module")
-def ace_step15(comfy_server) -> str:
-    """The tiny ACE-Step 1.5 of the family matrix, linked where UNETLoader finds it (ComfyUI 0.33+)."""
+@dataclass(frozen=True)
+class AudioFamily:
+    """An audio model family trained from clips: its generated VAE (tools/dataset_models.py), ComfyUI's empty-latent
+    node for it, and the latent frames of 1 s."""
+    vae: str
+    empty: str
+    frames: int
+
+
+AUDIO_FAMILIES = {
+    "ace_step15": AudioFamily("ace15_vae.safetensors", "EmptyAceStep1.5LatentAudio", 25),  # 48 kHz / 1920
+    # Stable Audio Open: the same Oobleck VAE at 44.1 kHz / 2048 (58 M parameters on ComfyUI 0.33; 0.3.75's detection
+    # fixes 24 layers, 1.06 B: skipped there, as in the family matrix)
+    "stable_audio": AudioFamily("stable_audio_vae.safetensors", "EmptyLatentAudio", 21),
+}
+
+
+def installed_family(server, name: str) -> str:
+    """The family matrix's generated model (tools/family_models.py, cached) and the family's VAE, linked where
+    UNETLoader and VAELoader find them; the model's file name. Skips where the running ComfyUI lacks the class or
+    detects it only above the family matrix's size limit."""
     import comfy.supported_models
 
-    if not hasattr(comfy.supported_models, "ACEStep15"):
-        pytest.skip(f"ComfyUI {harness.comfyui_version()} has no ACE-Step 1.5 (ACEStep15: ComfyUI 0.33+); its "
-                    f"ACE-Step 1 has a fixed 3.3 B-parameter layout")
-    family = fm.BY_NAME["ace_step15"]
-    path = fm.write(family, fm.build(family), harness.REPO / ".cache" / "family_models" / harness.comfyui_version())
-    link = comfy_server.base_dir / "models" / "diffusion_models" / path.name
+    family = fm.BY_NAME[name]
+    if not hasattr(comfy.supported_models, family.detected_as):
+        pytest.skip(f"ComfyUI {harness.comfyui_version()} has no {family.detected_as} (ACE-Step 1.5: ComfyUI 0.33+; "
+                    f"its ACE-Step 1 has a fixed 3.3 B-parameter layout)")
+    built = fm.build(family)
+    if built.parameters > untrainable_families.TINY_LIMIT:  # as the family matrix: minutes and GBs on a CPU
+        pytest.skip(f"the smallest {family.detected_as} ComfyUI {harness.comfyui_version()} detects has "
+                    f"{built.parameters / 1e9:.2f} B parameters, over the {untrainable_families.TINY_LIMIT / 1e9:.0f} B "
+                    f"the tests train on a CPU (it took over ten minutes)")
+    path = fm.write(family, built, harness.REPO / ".cache" / "family_models" / harness.comfyui_version())
+    link = server.base_dir / "models" / "diffusion_models" / path.name
     if not link.exists():
         link.symlink_to(path)
-    dataset_models.install(comfy_server.base_dir, "ace15_vae.safetensors")
+    dataset_models.install(server.base_dir, AUDIO_FAMILIES[name].vae)
     return path.name
 
 
+@pytest.fixture(scope="module")
+def ace_step15(comfy_server) -> str:
+    """The tiny ACE-Step 1.5 of the family matrix and its VAE (ComfyUI 0.33+)."""
+    return installed_family(comfy_server, "ace_step15")
+
+
 def generated(model: list, positive: list) -> dict:
-    """One step of KSampler from an empty 1 s ACE-Step 1.5 latent (a fixed seed)."""
+    """One step of KSampler from an empty 1 s audio latent (a fixed seed)."""
     return {"class_type": "KSampler", "inputs": {
         "model": model, "seed": 3, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
         "positive": positive, "negative": positive, "latent_image": ["empty", 0], "denoise": 1.0}}
 
 
-@pytest.mark.slow("encodes with a full-size (169 M-parameter) audio VAE and trains a 318 M-parameter ACE-Step 1.5 on "
-                  "the CPU (about a minute); the fast tests check the node's outputs")
-def test_an_ace_step15_lora_trains_on_audio_clips_and_changes_the_generated_latent(server, ace_step15):
+@pytest.mark.slow("encodes with a full-size (169 M-parameter) audio VAE and trains a 318 M-parameter ACE-Step 1.5 "
+                  "and a 58 M-parameter Stable Audio (ComfyUI 0.33) on the CPU, one to three minutes each; the fast "
+                  "tests check the node's outputs")
+@pytest.mark.parametrize("name", list(AUDIO_FAMILIES))
+def test_a_lora_trains_on_audio_clips_and_changes_the_generated_latent(server, name):
+    family = AUDIO_FAMILIES[name]
+    model = installed_family(server, name)
     root = server.base_dir / "input"
     folder = write(root / "audio_train", {"a.wav": (tone(4, 1.0, 48000, 2), 48000),
                                           "b.wav": (tone(5, 0.6, 44100, 1), 44100)},
                    {"a.txt": "rock, electric guitar", "b.txt": "jazz, piano", "a.lyrics.txt": "[verse]\nla la la"})
-    wf = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": ace_step15, "weight_dtype": "default"}},
-          "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "ace15_vae.safetensors"}},
+    wf = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": model, "weight_dtype": "default"}},
+          "vae": {"class_type": "VAELoader", "inputs": {"vae_name": family.vae}},
           **audio_clips(folder, 1.0),
           "latents": {"class_type": "VAEEncodeAudio", "inputs": {"audio": ["clips", 0], "vae": ["vae", 0]}},
           "text": {"class_type": "LoraTrainerTest_FamilyCaption", "inputs": {
-              "family": "ace_step15", "tags": ["clips", 1], "lyrics": ["clips", 2]}},
+              "family": name, "tags": ["clips", 1], "lyrics": ["clips", 2]}},
           "train": {"class_type": "LoraTrainer_TrainLoRA", "inputs": {
               **wfs.TRAIN_DEFAULTS, **TRAIN, "model": ["model", 0], "latents": ["latents", 0],
               "positive": ["text", 0]}},
           "save": {"class_type": "LoraTrainer_SaveLoRA", "inputs": {
-              "lora": ["train", 1], "prefix": "audio/ace_step15", "steps": ["train", 3], "captions": ["clips", 1]}},
+              "lora": ["train", 1], "prefix": f"audio/{name}", "steps": ["train", 3], "captions": ["clips", 1]}},
           "lora": {"class_type": "LoraModelLoader", "inputs": {
               "model": ["model", 0], "lora": ["train", 1], "strength_model": 1.0}},
           "prompt": {"class_type": "LoraTrainerTest_FamilyCaption", "inputs": {
-              "family": "ace_step15", "tags": "rock", "lyrics": ""}},
-          "empty": {"class_type": "EmptyAceStep1.5LatentAudio", "inputs": {"seconds": 1.0, "batch_size": 1}},
+              "family": name, "tags": "rock", "lyrics": ""}},
+          "empty": {"class_type": family.empty, "inputs": {"seconds": 1.0, "batch_size": 1}},
           "base": generated(["model", 0], ["prompt", 0]),
           "with_lora": generated(["lora", 0], ["prompt", 0]),
           "report_data": {"class_type": "LoraTrainerTest_DescribeAudio", "inputs": {
@@ -185,11 +221,11 @@ def test_an_ace_step15_lora_trains_on_audio_clips_and_changes_the_generated_late
     log_start = len(server.log_text())
     outputs = server.run(server.with_defaults(wf))["outputs"]
     log = server.log_text()[log_start:]
-    # 1 s of each clip (b padded, and resampled from 44.1 kHz by VAE Encode Audio) at 25 latent frames a second
-    assert [x["shape"] for x in outputs["report_data"]["latents"]] == [[1, 64, 25], [1, 64, 25]]
+    # 1 s of each clip (b padded, both resampled by VAE Encode Audio to the VAE's rate where it differs)
+    assert [x["shape"] for x in outputs["report_data"]["latents"]] == [[1, 64, family.frames]] * 2
     assert len(outputs["train"]["lora_trainer_loss"]) == TRAIN["steps"]
-    assert outputs["save"]["text"][0].startswith("audio/ace_step15_2_steps")
+    assert outputs["save"]["text"][0].startswith(f"audio/{name}_2_steps")
     assert "lora key not loaded" not in log, next(l for l in log.splitlines() if "lora key not loaded" in l)
     base, with_lora = outputs["report_base"]["latents"][0], outputs["report_lora"]["latents"][0]
-    assert base["shape"] == with_lora["shape"] == [1, 64, 25]
+    assert base["shape"] == with_lora["shape"] and base["shape"][:2] == [1, 64]
     assert base["digest"] != with_lora["digest"], "the LoRA left the generated audio latent unchanged"
