@@ -117,7 +117,7 @@ def test_each_clip_is_decoded_as_stereo_of_the_chosen_length_with_its_caption_an
     ({"a.wav": False, "a.txt": "rock"}, r"folder: a\.wav is not an audio file that can be read"),
     ({"a.txt": "rock"}, r"folder: 'audio_bad' holds no audio files"),
 ])
-def test_a_folder_that_is_no_audio_data_set_names_the_file(server, files, message, tmp_path):
+def test_a_folder_that_is_no_audio_data_set_names_the_file(server, files, message):
     root = server.base_dir / "input" / "audio_bad"
     for old in root.glob("*") if root.exists() else ():
         old.unlink()
