@@ -39,6 +39,21 @@ def folder_path(folder: str) -> Path:
     return inside(Path(folder_paths.get_input_directory()), folder, "folder", folders=True)
 
 
+def folder_digest(folder: str) -> str:
+    """A digest of an input subfolder's files (names, sizes, times), for a loader's IS_CHANGED: adding or editing a
+    file loads the set again instead of reusing ComfyUI's cached result ("" when it is no folder: the loader reports
+    it)."""
+    try:
+        root = folder_path(folder)
+    except ValueError:
+        return ""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def read_image(path: Path, shown: str) -> torch.Tensor:
     """An image file as ComfyUI's IMAGE (1, H, W, 3), floats in [0, 1], turned upright by its EXIF orientation as
     ComfyUI's Load Image does."""
@@ -142,17 +157,7 @@ class LoadEditPairs:
 
     @classmethod
     def IS_CHANGED(cls, folder, **_):
-        """The folder's files (names, sizes, times): adding or editing an image or a caption loads the set again
-        instead of reusing ComfyUI's cached result."""
-        try:
-            root = folder_path(folder)
-        except ValueError:
-            return ""  # load() reports it
-        digest = hashlib.sha256()
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            stat = path.stat()
-            digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return digest.hexdigest()
+        return folder_digest(folder)
 
     def load(self, folder, vae, clip, references_in_prompt=OFF):
         root = folder_path(folder)
