@@ -7,6 +7,7 @@ from .dataset import LoadTrainingDataset, SaveTrainingDataset
 from .edit_pairs import LoadEditPairs
 from .train_lora import TrainLoRA
 from .training_options import TrainingOptions
+from .video_clips import LoadVideoClips
 
 NODES = {
     "LoraTrainer_TrainLoRA": (TrainLoRA, "Train LoRA (LoRA Trainer)"),
@@ -17,6 +18,7 @@ NODES = {
     "LoraTrainer_LoadTrainingDataset": (LoadTrainingDataset, "Load Training Data Set (LoRA Trainer)"),
     "LoraTrainer_LoadEditPairs": (LoadEditPairs, "Load Edit Pairs (LoRA Trainer)"),
     "LoraTrainer_LoadAudioClips": (LoadAudioClips, "Load Audio Clips (LoRA Trainer)"),
+    "LoraTrainer_LoadVideoClips": (LoadVideoClips, "Load Video Clips (LoRA Trainer)"),
     "LoraTrainer_TrainingOptions": (TrainingOptions, "Training Options (LoRA Trainer)"),
     "LoraTrainer_ConvertLoRA": (ConvertLoRA, "Convert LoRA (LoRA Trainer)"),
 }

@@ -22,7 +22,8 @@ NEWER_NODES = {"TextEncodeAceStepAudio1.5"}
 def test_templates_are_in_comfyuis_template_list(server):
     listed = server.get("/workflow_templates")
     assert sorted(listed["lora_trainer"]) == NAMES == ["lora_trainer_audio_ace_step15", "lora_trainer_demo_tiny_model",
-                                                       "lora_trainer_edit_flux_kontext", "lora_trainer_real_world"]
+                                                       "lora_trainer_edit_flux_kontext", "lora_trainer_real_world",
+                                                       "lora_trainer_video_wan21"]
     for name in NAMES:
         ui = server.get(f"/api/workflow_templates/lora_trainer/{name}.json")
         api = json.loads((TEMPLATES / "api" / f"{name}.json").read_text())
@@ -30,7 +31,7 @@ def test_templates_are_in_comfyuis_template_list(server):
 
 
 @pytest.mark.parametrize("name", ["lora_trainer_real_world", "lora_trainer_edit_flux_kontext",
-                                  "lora_trainer_audio_ace_step15"])
+                                  "lora_trainer_audio_ace_step15", "lora_trainer_video_wan21"])
 def test_real_world_template_uses_existing_nodes(server, name):
     """Every node of the template exists with the inputs it sets (on ComfyUI 0.3.75 every node but NEWER_NODES)."""
     info = server.object_info()
@@ -106,3 +107,41 @@ def test_audio_template_trains(server, ace_step15):  # noqa: F811  (the fixture)
     assert entry["outputs"]["save"]["text"][0].startswith("ace_step15/my_audio_lora_2_steps")
     assert len(entry["outputs"]["train"]["lora_trainer_loss"]) == 2
     assert entry["outputs"]["graph"]["images"]
+
+
+def clips_folder(server) -> tuple[str, int]:
+    """(an input subfolder in the video template's layouts, its clip count): the four captioned video files of the
+    data-set test (5 and 9 frames, two sizes) and one clip as a folder of 7 frame images."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_dataset_nodes import VIDEOS, blocks, write_videos
+
+    folder = server.base_dir / "input" / "template_video_clips"
+    write_videos(folder)
+    rng = np.random.default_rng(1)
+    (folder / "frames").mkdir()
+    for i in range(7):
+        Image.fromarray(blocks(rng, 64, 64)).save(folder / "frames" / f"{i:04d}.png")
+    (folder / "frames.txt").write_text("a checkerboard changing colours\n", encoding="utf-8")
+    return folder.name, len(VIDEOS) + 1
+
+
+def test_video_template_trains(server):
+    """The Wan 2.1 video template with generated stand-ins for its files: the session's tiny Wan 2.1 for the 1.3 B
+    model, CLIP-L as type sd3 (its 4096-wide context is Wan's text width) for UMT5-XXL, a Wan 2.1 VAE of the smallest
+    width; the clips cut to 5 frames (2 latent frames); 2 steps in fp32 (a CPU)."""
+    from tests.test_dataset_nodes import VIDEO_MODELS, assert_trained_on
+
+    dataset_models.install(server.base_dir, "clip_l.safetensors", VIDEO_MODELS[1])
+    api = json.loads((TEMPLATES / "api" / "lora_trainer_video_wan21.json").read_text())
+    api["model"]["inputs"]["unet_name"] = VIDEO_MODELS[0]
+    api["clip"]["inputs"].update(clip_name="clip_l.safetensors", type="sd3")
+    api["vae"]["inputs"]["vae_name"] = VIDEO_MODELS[1]
+    api["clips"]["inputs"].update(folder=(folder := clips_folder(server))[0], max_frames=5)
+    api["train"]["inputs"].update(steps=2, training_dtype="fp32", lora_dtype="fp32")
+    entry = server.run(api)
+    assert entry["outputs"]["save"]["text"][0].startswith("wan/my_video_lora_2_steps")
+    assert len(entry["outputs"]["train"]["lora_trainer_loss"]) == 2
+    assert entry["outputs"]["graph"]["images"]
+    assert_trained_on(server, entry, folder[1])

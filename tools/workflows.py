@@ -214,5 +214,32 @@ def audio_ace_step15() -> dict:
     return wf
 
 
+def video_clips(folder: str, vae: list, clip: list, max_frames: int = 81) -> dict:
+    """Load Video Clips (video files or frame folders with captions, on every ComfyUI version) → ComfyUI's
+    MakeTrainingDataset, which encodes each clip with a video VAE into one 5-D latent. Its "data" node plugs into
+    ``train`` like a data source; "clips" gives the captions."""
+    return {"clips": {"class_type": "LoraTrainer_LoadVideoClips", "inputs": {"folder": folder, "max_frames": max_frames}},
+            "data": {"class_type": "MakeTrainingDataset", "inputs": {
+                "images": ["clips", 0], "texts": ["clips", 1], "vae": vae, "clip": clip}}}
+
+
+def wan_video() -> dict:
+    """A Wan 2.1 text-to-video (1.3 B) LoRA from a folder of captioned clips: Wan's loaders (ComfyUI's repackaged
+    files) → Load Video Clips → MakeTrainingDataset → train → save LoRA (with the captions' tag counts) → loss
+    graph."""
+    loaders = {
+        "model": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors",
+                                                         "weight_dtype": "default"}},
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                                                        "type": "wan"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
+    }
+    wf = train(loaders, video_clips("my_video_clips", vae=["vae", 0], clip=["clip", 0]),
+               save_prefix="wan/my_video_lora", loss_graph="loss_graph", steps=500, learning_rate=0.0001, rank=16)
+    wf["save"]["inputs"]["captions"] = ["clips", 1]
+    return wf
+
+
 TEMPLATES = {"lora_trainer_demo_tiny_model": demo, "lora_trainer_real_world": real_world,
-             "lora_trainer_edit_flux_kontext": edit_flux_kontext, "lora_trainer_audio_ace_step15": audio_ace_step15}
+             "lora_trainer_edit_flux_kontext": edit_flux_kontext, "lora_trainer_audio_ace_step15": audio_ace_step15,
+             "lora_trainer_video_wan21": wan_video}
