@@ -126,6 +126,11 @@ def pixels_per_latent(patcher) -> int:
 
 # Samplings whose model input is a source latent, not noise (image-to-image models: Lotus, FlowRVS)
 IMAGE_TO_IMAGE = ("IMG_TO_IMG", "IMG_TO_IMG_FLOW")
+# Model classes whose forward takes every batch as a sampler's (cond, uncond) pair of one latent batch: it runs the
+# first half with the second half's conditioning and the reverse, and swaps the halves of its output back (Hunyuan 3D
+# 2.1; 0.3.75 fails on a batch of one, 0.33 swaps batches of two or more). A training batch of different latents
+# would train each latent with another's conditioning, so these get each batch as a pair of itself.
+CFG_PAIR_MODELS = ("Hunyuan3Dv2_1",)
 
 
 def check_trainable(patcher) -> None:
@@ -338,10 +343,16 @@ class SampleConditioning:
     def forward(self, patcher, x_t: torch.Tensor, sigma: torch.Tensor, ids: list[int],
                 encoded: list[dict] | None = None, transformer_options: dict | None = None) -> torch.Tensor:
         """The model's denoised estimate for these samples (one batchable run of them; a latent of streams packed),
-        as a sampler's forward gets it."""
+        as a sampler's forward gets it. A CFG_PAIR_MODELS model gets the batch twice, as a sampler's (cond, uncond)
+        pair of the same latents with the same conditioning, so that each half is paired with itself."""
+        paired = base_model_name(patcher) in CFG_PAIR_MODELS
+        if paired:
+            encoded = encoded if encoded is not None else [self.encode(i) for i in ids]
+            x_t, sigma, ids, encoded = torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), ids + ids, encoded + encoded
         kwargs = self.batch(ids, encoded)
         with _latent_shapes_told(patcher.model, self.latent_shapes(ids[0])):
-            return patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options or {}, **kwargs)
+            out = patcher.model.apply_model(x_t, sigma, transformer_options=transformer_options or {}, **kwargs)
+        return out[:len(ids) // 2] if paired else out
 
 
 def _on(value, device: torch.device):
@@ -404,7 +415,9 @@ def trainable_model(patcher, manual_cast: torch.dtype | None = None) -> Iterator
         clone.set_model_compute_dtype(manual_cast)
     for key, param in clone.model.named_parameters():
         current = clone.object_patches.get(key, param)  # another node's object patch on a weight is kept, aliased
-        if key.startswith(MODEL_PREFIX) and isinstance(current, torch.Tensor):
+        # The diffusion model's weights, and the model's others made under inference mode: conditioning can run
+        # through those (on 0.33 Zero123's cc_projection is a Parameter that requires grad, so autograd saves it).
+        if isinstance(current, torch.Tensor) and (key.startswith(MODEL_PREFIX) or current.is_inference()):
             clone.add_object_patch(key, _ordinary_alias(current))
     # Buffers made at load time are inference tensors too, and some are multiplied with activations (e.g. ACE-Step
     # 1.5's rotary cos/sin tables), which makes autograd save them. Those get a plain-tensor alias (a Parameter
@@ -605,3 +618,15 @@ def decode_frames(vae, latent: torch.Tensor) -> torch.Tensor:
     """The VAE's pixels of a sampled latent as frames (N, H, W, 3) in 0..1: one for an image, every frame of a clip."""
     pixels = vae.decode(latent)
     return pixels.reshape(-1, *pixels.shape[-3:]).float().clamp(0, 1)
+
+
+def decode_audio(path: str) -> tuple[torch.Tensor, int]:
+    """An audio file decoded as ComfyUI's own Load Audio node decodes it (PyAV): (channels, samples) float32 in
+    [-1, 1] and its sample rate. ComfyUI's audio nodes (this decoder, VAEEncodeAudio) import torchaudio: without it
+    ComfyUI does not load them, and an audio data set has nothing to be encoded by."""
+    try:
+        from comfy_extras.nodes_audio import load
+    except ImportError as e:
+        raise RuntimeError(f"ComfyUI's audio nodes cannot be loaded ({e}); they need torchaudio (and PyAV), which "
+                           f"ComfyUI's requirements list: install them into ComfyUI's Python") from None
+    return load(path)

@@ -4,20 +4,18 @@ as ``reference_latents``, the way ComfyUI's ReferenceLatent node adds them. The 
 training/edit_pairs.py's."""
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 from pathlib import Path
 
 import comfy.utils
-import folder_paths
 import node_helpers
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from ..training.edit_pairs import EditPair, EditPairsError, find_pairs
-from .safe_files import inside
+from .input_folders import folder_changes, folder_input, folder_path
 
 # Qwen-Image-Edit's text encoder (Qwen2.5-VL) reads the references too, the way ComfyUI's text nodes for it show them
 # at inference: TextEncodeQwenImageEdit one picture at about 1 megapixel in its tokenizer's own picture template;
@@ -33,10 +31,6 @@ QWEN_EDIT_PLUS_TEMPLATE = (
     "image that meets the user's requirements while maintaining consistency with the original input where "
     "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
 QWEN_PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
-
-
-def folder_path(folder: str) -> Path:
-    return inside(Path(folder_paths.get_input_directory()), folder, "folder", folders=True)
 
 
 def read_image(path: Path, shown: str) -> torch.Tensor:
@@ -129,7 +123,7 @@ class LoadEditPairs:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "folder": (folder_paths.get_input_subfolders(), {"tooltip": "A folder of ComfyUI's input folder."}),
+            "folder": folder_input(),
             "vae": ("VAE", {"tooltip": "Encodes the targets and the references (the edit model's VAE)."}),
             "clip": ("CLIP", {"tooltip": "Encodes the instructions (the edit model's text encoder)."}),
         }, "optional": {
@@ -142,17 +136,7 @@ class LoadEditPairs:
 
     @classmethod
     def IS_CHANGED(cls, folder, **_):
-        """The folder's files (names, sizes, times): adding or editing an image or a caption loads the set again
-        instead of reusing ComfyUI's cached result."""
-        try:
-            root = folder_path(folder)
-        except ValueError:
-            return ""  # load() reports it
-        digest = hashlib.sha256()
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            stat = path.stat()
-            digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return digest.hexdigest()
+        return folder_changes(folder)
 
     def load(self, folder, vae, clip, references_in_prompt=OFF):
         root = folder_path(folder)

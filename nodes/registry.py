@@ -1,4 +1,5 @@
 """Node ids (stable forever: saved workflows refer to them) and display names."""
+from .audio_clips import LoadAudioClips
 from .companions import ApplyLoRA, LossGraph
 from .convert_lora import ConvertLoRA
 from .save_lora import SaveLoRA
@@ -7,6 +8,7 @@ from .edit_pairs import LoadEditPairs
 from .train_lora import TrainLoRA
 from .training_options import TrainingOptions
 from .training_samples import SampleGrid, TrainingSamples
+from .video_clips import LoadVideoClips
 
 NODES = {
     "LoraTrainer_TrainLoRA": (TrainLoRA, "Train LoRA (LoRA Trainer)"),
@@ -16,6 +18,8 @@ NODES = {
     "LoraTrainer_SaveTrainingDataset": (SaveTrainingDataset, "Save Training Data Set (LoRA Trainer)"),
     "LoraTrainer_LoadTrainingDataset": (LoadTrainingDataset, "Load Training Data Set (LoRA Trainer)"),
     "LoraTrainer_LoadEditPairs": (LoadEditPairs, "Load Edit Pairs (LoRA Trainer)"),
+    "LoraTrainer_LoadAudioClips": (LoadAudioClips, "Load Audio Clips (LoRA Trainer)"),
+    "LoraTrainer_LoadVideoClips": (LoadVideoClips, "Load Video Clips (LoRA Trainer)"),
     "LoraTrainer_TrainingOptions": (TrainingOptions, "Training Options (LoRA Trainer)"),
     "LoraTrainer_ConvertLoRA": (ConvertLoRA, "Convert LoRA (LoRA Trainer)"),
     "LoraTrainer_TrainingSamples": (TrainingSamples, "Training Samples (LoRA Trainer)"),

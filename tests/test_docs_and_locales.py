@@ -30,7 +30,7 @@ def fetch_text(server, path: str) -> str:
 
 def test_docs_in_two_languages_are_served(server):
     nodes = our_nodes(server)
-    assert len(nodes) == 11
+    assert len(nodes) == 13
     for node_id, info in nodes.items():
         en = fetch_text(server, f"/extensions/lora_trainer/docs/{node_id}.md")
         ru = fetch_text(server, f"/extensions/lora_trainer/docs/{node_id}/ru.md")

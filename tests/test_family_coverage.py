@@ -66,9 +66,13 @@ def test_a_big_entry_is_as_big_as_it_says_on_the_running_comfyui(name):
         f"{name}: the smallest model has {parameters / 1e9:.2f} B parameters, the table says {entry.billions}"
 
 
+# The model class of each image-to-image sampling (table entries that quote the trainer's refusal)
+IMAGE_TO_IMAGE_CLASSES = {"IMG_TO_IMG": "LotusD", "IMG_TO_IMG_FLOW": "WAN21_FlowRVS"}
+
+
 def test_an_image_to_image_model_is_refused_before_training():
-    """FlowRVS (and Lotus) start from a source latent, not noise: the trainer refuses them, naming the input, as the
-    table's entry for WAN21_FlowRVS quotes."""
+    """Lotus and FlowRVS start from a source latent, not noise: the trainer refuses them, naming the input, as their
+    table entries quote."""
     harness.put_comfyui_on_path()
     import comfy.model_base
     import comfy.model_sampling
@@ -77,14 +81,14 @@ def test_an_image_to_image_model_is_refused_before_training():
     for name in comfy_bridge.IMAGE_TO_IMAGE:
         if not hasattr(comfy.model_sampling, name):
             continue  # IMG_TO_IMG_FLOW: ComfyUI 0.33+
-        config = types.new_class("WAN21_FlowRVS")()
+        model_class = IMAGE_TO_IMAGE_CLASSES[name]
+        config = types.new_class(model_class)()
         config.sampling_settings = {}
         patcher = types.SimpleNamespace(model=types.SimpleNamespace(
             model_config=config,
             model_sampling=comfy.model_base.model_sampling(config, getattr(comfy.model_base.ModelType, name))))
         with pytest.raises(ValueError) as e:
             comfy_bridge.check_trainable(patcher)
-        assert str(e.value).startswith("model: this WAN21_FlowRVS model maps a source latent to a target "
+        assert str(e.value).startswith(f"model: this {model_class} model maps a source latent to a target "
                                        f"(ComfyUI's {name} sampling")
-        if name == "IMG_TO_IMG_FLOW":
-            assert f"'{e.value}'" in ut.UNTRAINABLE["WAN21_FlowRVS"].reason
+        assert f"'{e.value}'" in ut.UNTRAINABLE[model_class].reason

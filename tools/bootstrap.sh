@@ -62,5 +62,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 echo "[bootstrap] installing pinned requirements (torch, ComfyUI 0.3.75 requirements, test tools)"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$reqs" 2> >(grep -v "is ignored: it is neither" >&2)
+# ComfyUI's audio nodes (LoadAudio, VAEEncodeAudio, …) import torchaudio; PyPI's newest (2.11.1) works with torch 2.14.1
+# (its metadata asks only torch>=2.11), and --no-deps keeps pip from touching the torch pin.
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps torchaudio==2.11.1 2> >(grep -v "is ignored: it is neither" >&2)
 echo "$want" > "$stamp"
 echo "[bootstrap] ready"

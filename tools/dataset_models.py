@@ -14,6 +14,11 @@ files, into ``.cache/dataset_models/`` (git-ignored) once:
   CLIP-L's output as type ``sd3`` gives it (``family_models.FLUX_FOR_CLIP_L``). ComfyUI 0.3.75 fixes Flux's width at
   3072: one double and one single block, about 0.5 B parameters (a 1 GB file), cached under a name that carries its
   layout, since the width the running ComfyUI accepts decides it.
+- ``ace15_vae`` / ``stable_audio_vae``: the Oobleck audio VAE of ACE-Step 1.5 (48 kHz, 1920 samples per latent
+  frame; ComfyUI 0.33 tells it from Stable Audio's by its upsampling kernels) and of Stable Audio (44.1 kHz, 2048).
+  ComfyUI builds it at a fixed width (169 M parameters, stored bf16: 338 MB) with stereo input and 64 latent
+  channels. Random weights give latents of a scale of about a hundred and a wide sampling noise: the encoder's last
+  layer is scaled so the latent mean has a scale of about one and the sampling noise is ~1e-4 (nearly deterministic).
 - ``clip_l``: CLIP-L. Text encoders load into a fixed configuration (missing weights stay uninitialised), so this is
   full size (123 M parameters, stored fp16, 246 MB): the smallest text encoder of the image families (SD1.5, SDXL,
   SD3 and Flux all use it). ``CLIPLoader`` type ``sd3`` turns it into SD3's conditioning: context (1, 77·k, 4096)
@@ -64,6 +69,29 @@ def wan_vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
+ACE15_VAE_STRIDES = [2, 4, 4, 6, 10]  # 48 kHz / 1920 = 25 latent frames a second
+OOBLECK_MEAN_SCALE = 0.01  # random weights give latent means of a scale of ~100 (see above)
+
+
+def oobleck_vae_state_dict(seed: int = 0, strides: list[int] | None = None) -> dict[str, torch.Tensor]:
+    from comfy.ldm.audio.autoencoder import AudioOobleckVAE
+
+    model = AudioOobleckVAE(**({"strides": strides} if strides else {}))
+    randomise(model, seed)
+    last = model.encoder.layers[-1]  # the weight-normed conv to (mean, scale) x 64 channels
+    with torch.no_grad():
+        magnitude = last.parametrizations.weight.original0
+        half = magnitude.shape[0] // 2
+        magnitude[:half].mul_(OOBLECK_MEAN_SCALE)
+        magnitude[half:].zero_()
+        last.bias[half:].fill_(-10.0)  # softplus(-10): a sampling std of ~1e-4
+    return {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+
+
+def ace15_vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    return oobleck_vae_state_dict(seed, ACE15_VAE_STRIDES)
+
+
 def clip_l_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     import comfy.clip_model
     import comfy.ops
@@ -88,6 +116,8 @@ BUILDERS = {  # file name: (ComfyUI model folder, state dict)
     "taesd16.safetensors": ("vae", taesd16_state_dict),
     "wan_vae.safetensors": ("vae", wan_vae_state_dict),
     "clip_l.safetensors": ("text_encoders", clip_l_state_dict),
+    "ace15_vae.safetensors": ("vae", ace15_vae_state_dict),
+    "stable_audio_vae.safetensors": ("vae", oobleck_vae_state_dict),
     "sd3_clip_l.safetensors": ("diffusion_models", sd3_for_clip_l_state_dict),
 }
 

@@ -40,7 +40,6 @@ class Family:
     tokens: int = TOKENS  # caption length (a few families fix it)
     attention_mask: bool = False  # an integer attention_mask over the caption tokens
     concat: int = 0  # channels of a start-image latent (+ mask), as image-to-video conditioning nodes add
-    untestable: str = ""  # why this family cannot be trained here (then it is skipped with this reason)
     # The transformer settings detection reads from the file's "config" metadata (as real LTX-2 files carry them):
     # they size what detection fixes otherwise (LTX-2's 3840-wide caption connectors, its 2048-wide audio stream).
     config: dict[str, Any] = field(default_factory=dict)
@@ -305,12 +304,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("svd", "SVD_img2vid", _unet(**SVD_UNET, adm_in_channels=768), (320,), (4, 8, 8), 1024),
     Family("sv3d_u", "SV3D_u", _unet(**SVD_UNET, adm_in_channels=256), (320,), (4, 8, 8), 1024),
     Family("sv3d_p", "SV3D_p", _unet(**SVD_UNET, adm_in_channels=1280), (320,), (4, 8, 8), 1024),
-    Family("lotus", "LotusD", lambda w: {}, (320,), (4, 8, 8), 1024,
-           untestable="ComfyUI detects Lotus only in the diffusers layout, which it maps onto the full SD 2 UNet "
-                      "(865 M parameters, no smaller layout): too big for CI's 2-core CPU"),
-    Family("zero123", "Stable_Zero123", lambda w: {}, (320,), (4, 8, 8), 768,
-           untestable="Zero123 needs cc_projection weights, which sit outside the diffusion model: a checkpoint-only "
-                      "model that UNETLoader cannot load on its own"),
+    # Zero123: an SD 1.5 UNet on the noise and the input view's latent (4 + 4 channels); its image-and-camera
+    # conditioning (CLIP vision 768 + 4 camera values) goes through cc_projection, stored beside the UNet in the file
+    # (ComfyUI's loader reads it into the model, not the diffusion model).
+    Family("zero123", "Stable_Zero123", _unet(context_dim=768, num_heads=8, in_channels=8), (320,), (4, 8, 8),
+           768 + 4, tokens=1, concat=4, outside={"cc_projection.weight": (768, 768 + 4), "cc_projection.bias": (768,)}),
     # -- transformers whose width detection reads from the weights: the smallest width, depth 1 --------------------
     Family("sd3", "SD3", _mmdit(), (64,), (16, 8, 8), 64, pooled=64),
     Family("sd35", "SD3", _mmdit("joint_blocks.0.context_block.attn.ln_q.weight",
@@ -388,9 +386,7 @@ FAMILIES: tuple[Family, ...] = (
            extras={"guidance": 5.0}),
     Family("hunyuan3d_v2_1", "Hunyuan3Dv2_1", lambda w: {"t_embedder.mlp.2.weight": (1,), "x_embedder.weight": (w, 64),
                                                          "blocks.0.attn1.k_norm.weight": (1,)},
-           (64, 128, 256), (64, 16), 1024, extras={"guidance": 5.0},
-           untestable="Hunyuan 3D 2.1's forward splits every batch into a conditional and an unconditional half "
-                      "(it runs only under CFG), so a plain training forward cannot call it"),
+           (64, 128, 256), (64, 16), 1024, extras={"guidance": 5.0}),
     # -- big: detection fixes the width (depth 1, or the fixed layout); each loads once for both trainings ---------
     # AuraFlow fixes width 3072 and caption width 2048: one double layer and one single layer.
     Family("auraflow", "AuraFlow", lambda w: {"double_layers.0.attn.w1q.weight": (w, w),
@@ -549,12 +545,14 @@ def detect(shapes: Shapes, metadata: dict[str, str] | None = None, real_memory: 
     config = comfy.model_detection.model_config_from_unet(sd, "", metadata=metadata or None)
     if config is None:
         return "", {}
-    try:  # weights on the meta device; the model's sampling schedule stays real (Cascade's is slow on meta)
-        model = config.get_model(sd, "", device=torch.device("meta"))
-    except Exception:  # builders that compute values (PixArt's .item(), the x4 upscaler's numpy) need real memory
-        if not real_memory:
-            raise
-        model = config.get_model(sd, "")
+    # Without autograd, as ComfyUI's loaders run inside a node (Zero123's builder copies its cc_projection in place).
+    with torch.no_grad():
+        try:  # weights on the meta device; the model's sampling schedule stays real (Cascade's is slow on meta)
+            model = config.get_model(sd, "", device=torch.device("meta"))
+        except Exception:  # builders that compute values (PixArt's .item(), the x4 upscaler's numpy) need real memory
+            if not real_memory:
+                raise
+            model = config.get_model(sd, "")
     return type(config).__name__, {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()}
 
 

@@ -90,6 +90,13 @@ UNTRAINABLE: dict[str, Untrainable] = {
                                         "latent to a target (ComfyUI's IMG_TO_IMG_FLOW sampling: its input is the "
                                         "source, not noise); training it needs (source, target) latent pairs, which "
                                         "this trainer does not take'"),
+    "LotusD": Untrainable(NEEDS, "Lotus (depth and normal estimation) is an image-to-image model: its input is the "
+                                 "image's latent at one fixed timestep, not noise, and its output the depth or normal "
+                                 "latent (ComfyUI's IMG_TO_IMG sampling). Training it needs (image, depth) latent "
+                                 "pairs; the trainer refuses it: 'model: this LotusD model maps a source latent to a "
+                                 "target (ComfyUI's IMG_TO_IMG sampling: its input is the source, not noise); "
+                                 "training it needs (source, target) latent pairs, which this trainer does not "
+                                 "take'"),
     "MiniMaxH3": Untrainable(NEEDS, "MiniMax H3 denoises video and audio together: its LATENT is a NestedTensor of a "
                                     "video [B, 24, T, H/16, W/16] and an audio [B, 32, 2, T'] latent. The trainer "
                                     "takes such latents since LTX-2 (packed as ComfyUI's samplers pack them), but no "

@@ -223,5 +223,70 @@ def samples_flux() -> dict:
     return wf
 
 
+ACE15_TEXT_DEFAULTS: dict[str, Any] = {  # TextEncodeAceStepAudio1.5's settings other than the texts (ComfyUI 0.33)
+    "seed": 0, "bpm": 120, "timesignature": "4", "language": "en", "keyscale": "C major", "cfg_scale": 2.0,
+    "temperature": 0.85, "top_p": 0.9, "top_k": 0, "min_p": 0.0,
+    # the language model's audio codes describe audio it generates itself; training learns from the clips
+    "generate_audio_codes": False,
+}
+
+
+def audio_clips(folder: str, vae: list, seconds: float) -> dict:
+    """Load Audio Clips → ComfyUI's VAE Encode Audio: one LATENT per clip ("data", like a data source), the
+    captions and lyrics on "clips" (outputs 1 and 2)."""
+    return {"clips": {"class_type": "LoraTrainer_LoadAudioClips", "inputs": {"folder": folder, "seconds": seconds}},
+            "data": {"class_type": "VAEEncodeAudio", "inputs": {"audio": ["clips", 0], "vae": vae}}}
+
+
+def audio_ace_step15() -> dict:
+    """An ACE-Step 1.5 LoRA from a folder of audio clips with captions (tags) and lyrics: ACE-Step 1.5's loaders →
+    Load Audio Clips (30 s each) → VAE Encode Audio, and TextEncodeAceStepAudio1.5 for each clip's caption and lyrics
+    → train → save LoRA (with the captions' tag counts) → loss graph. ComfyUI 0.33+ (ACE-Step 1.5)."""
+    seconds = 30.0
+    loaders = {
+        "model": {"class_type": "UNETLoader", "inputs": {"unet_name": "acestep_v1.5_turbo.safetensors",
+                                                         "weight_dtype": "default"}},
+        "clip": {"class_type": "DualCLIPLoader", "inputs": {
+            "clip_name1": "qwen_0.6b_ace15.safetensors", "clip_name2": "qwen_1.7b_ace15.safetensors", "type": "ace"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "ace_1.5_vae.safetensors"}},
+    }
+    data = {**audio_clips("my_audio_clips", ["vae", 0], seconds),
+            "text": {"class_type": "TextEncodeAceStepAudio1.5", "inputs": {
+                "clip": ["clip", 0], "tags": ["clips", 1], "lyrics": ["clips", 2], "duration": seconds,
+                **ACE15_TEXT_DEFAULTS}}}
+    wf = train(loaders, data, save_prefix="ace_step15/my_audio_lora", loss_graph="loss_graph", steps=500,
+               learning_rate=0.0001, rank=16)
+    wf["train"]["inputs"]["positive"] = ["text", 0]
+    wf["save"]["inputs"]["captions"] = ["clips", 1]
+    return wf
+
+
+def video_clips(folder: str, vae: list, clip: list, max_frames: int = 81) -> dict:
+    """Load Video Clips (video files or frame folders with captions, on every ComfyUI version) → ComfyUI's
+    MakeTrainingDataset, which encodes each clip with a video VAE into one 5-D latent. Its "data" node plugs into
+    ``train`` like a data source; "clips" gives the captions."""
+    return {"clips": {"class_type": "LoraTrainer_LoadVideoClips", "inputs": {"folder": folder, "max_frames": max_frames}},
+            "data": {"class_type": "MakeTrainingDataset", "inputs": {
+                "images": ["clips", 0], "texts": ["clips", 1], "vae": vae, "clip": clip}}}
+
+
+def wan_video() -> dict:
+    """A Wan 2.1 text-to-video (1.3 B) LoRA from a folder of captioned clips: Wan's loaders (ComfyUI's repackaged
+    files) → Load Video Clips → MakeTrainingDataset → train → save LoRA (with the captions' tag counts) → loss
+    graph."""
+    loaders = {
+        "model": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors",
+                                                         "weight_dtype": "default"}},
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                                                        "type": "wan"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
+    }
+    wf = train(loaders, video_clips("my_video_clips", vae=["vae", 0], clip=["clip", 0]),
+               save_prefix="wan/my_video_lora", loss_graph="loss_graph", steps=500, learning_rate=0.0001, rank=16)
+    wf["save"]["inputs"]["captions"] = ["clips", 1]
+    return wf
+
+
 TEMPLATES = {"lora_trainer_demo_tiny_model": demo, "lora_trainer_real_world": real_world,
-             "lora_trainer_edit_flux_kontext": edit_flux_kontext, "lora_trainer_samples_flux": samples_flux}
+             "lora_trainer_edit_flux_kontext": edit_flux_kontext, "lora_trainer_audio_ace_step15": audio_ace_step15,
+             "lora_trainer_video_wan21": wan_video, "lora_trainer_samples_flux": samples_flux}

@@ -18,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .captions import DataFolderError, read_caption
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-CAPTION_EXTENSION = ".txt"
 _REF_SUFFIX = re.compile(r"^(?P<stem>.+)_ref(?P<index>[1-9][0-9]*)?$")
 _CONTROL_FOLDER = re.compile(r"^control(?P<index>[1-9][0-9]*)?$")
 
 
-class EditPairsError(ValueError):
+class EditPairsError(DataFolderError):
     """A folder that is no edit data set; the message names the file and the fix."""
 
 
@@ -129,13 +130,5 @@ def _pair(folder: Path, stem: str, target: Path, beside: dict[int, Path] | None,
         references = _numbered(beside, folder, target, lambda i: f"{stem}_ref{'' if i == 1 else i}.png")
     else:
         references = _numbered(controls, folder, target, lambda i: f"control{'' if i == 1 else i}/{stem}.png")
-    caption_file = folder / (stem + CAPTION_EXTENSION)
-    if not caption_file.is_file():
-        raise EditPairsError(f"{target.name} has no caption file {caption_file.name}: write its edit instruction "
-                             f"there (an empty file trains it without one)")
-    try:
-        caption = caption_file.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as e:
-        raise EditPairsError(f"{caption_file.name} is not UTF-8 text ({e.reason} at byte {e.start}): save it as "
-                             f"UTF-8") from None
+    caption = read_caption(folder, stem, target.name, "edit instruction", EditPairsError)
     return EditPair(target, references, caption)

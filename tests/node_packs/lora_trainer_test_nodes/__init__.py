@@ -191,3 +191,8 @@ NODE_CLASS_MAPPINGS["LoraTrainerTest_DescribeDataset"] = DescribeDataset
 from .conditioning_list import ConditioningList  # noqa: E402
 
 NODE_CLASS_MAPPINGS["LoraTrainerTest_ConditioningList"] = ConditioningList
+
+from .audio import DescribeAudio, FamilyCaption  # noqa: E402
+
+NODE_CLASS_MAPPINGS["LoraTrainerTest_DescribeAudio"] = DescribeAudio
+NODE_CLASS_MAPPINGS["LoraTrainerTest_FamilyCaption"] = FamilyCaption
