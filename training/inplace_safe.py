@@ -9,7 +9,7 @@ The fix, for every model at once: every tensor saved for backward goes through a
 watches in-place writes. Just before a write reaches storage that a box still refers to, the box takes a private copy.
 Only tensors that really are overwritten after being saved are copied; nothing in the model code changes.
 
-That watch costs a Python call per op (about 10 µs; a third of a tiny model's CPU step), which most models never need
+That watch costs a Python call per op (about 10 µs; a quarter of a tiny model's CPU step), which most models never need
 (SD, SDXL, SD3, … write into nothing they saved). ``InplaceGuard`` pays it only where it is needed: each forward pass
 first runs under ``Pinned`` saves, which note every saved tensor's version counter (an in-place write bumps it, also
 through a view) at the cost of one hook call per saved tensor. A pass that wrote into something it saved is run
