@@ -119,6 +119,19 @@ class LiveBytes(TorchDispatchMode):
         self.live = self.peak = self.at_peak = self.largest = 0
         self.probe = probe
         self._counted: set[int] = set()
+        self._fake = None
+
+    def __enter__(self):
+        from torch._guards import detect_fake_mode
+
+        self._fake = detect_fake_mode()
+        return super().__enter__()
+
+    def _as_seen(self, t: torch.Tensor) -> torch.Tensor:
+        """A real tensor (a weight) in a fake forward: the fake twin the op's output shares storage with."""
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        return t if self._fake is None or isinstance(t, FakeTensor) else self._fake.from_tensor(t)
 
     def _free(self, key: int, nbytes: int) -> None:
         self._counted.discard(key)
@@ -126,7 +139,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {_storage_key(self._as_seen(t)) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         grew = False
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
