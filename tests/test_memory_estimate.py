@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import harness
+
 from training import memory_estimate as me
 
 TOLERANCE = 0.15
@@ -91,6 +93,7 @@ def _families():
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
 @pytest.mark.parametrize("family", _families(), ids=lambda f: f.name)
 def test_estimate_within_15_percent_of_the_fake_step_for_every_tiny_family(family, checkpointing):
+    harness.load_pack()  # ComfyUI importable, the pack as ComfyUI loads it (what fake_step drives)
     import fake_step
     import family_models
 
@@ -98,13 +101,20 @@ def test_estimate_within_15_percent_of_the_fake_step_for_every_tiny_family(famil
         family_models.build(family)
     except LookupError as e:  # a family of a newer ComfyUI than the one running: it is not in this matrix
         pytest.skip(str(e))
-    estimated, measured = _agreement(fake_step.family_case(family), checkpointing)
+    case = fake_step.family_case(family)
+    try:
+        with fake_step.fake_mode():
+            fake_step.build(case, "bf16")
+    except RuntimeError as e:  # ComfyUI computes this model's set-up from real values (numpy): no fake twin
+        pytest.skip(f"{family.name} cannot be built on fake tensors ({e}); the node estimates it from its real model")
+    estimated, measured = _agreement(case, checkpointing)
     assert abs(estimated / measured - 1) <= TOLERANCE, (estimated, measured)
 
 
 @pytest.mark.slow("real-size models on fake tensors: a Flux dev and an SDXL step (~2-4 min each on 2 cores)")
 @pytest.mark.parametrize("name,base", [("flux_dev", "fp8"), ("sdxl", "bf16")])
 def test_estimate_within_15_percent_at_real_size(name, base):
+    harness.load_pack()
     import fake_step
     import real_size_models
 
