@@ -50,6 +50,7 @@ class Case:
     blocks: dict[str, int] = field(default_factory=dict)  # key prefix -> block count (keys "<prefix><i>.x")
     metadata: dict[str, str] | None = None
     parameters_b: float = 0.0  # the published size, billions (a check that the build is the real model)
+    captions: Callable[[int], list] | None = None  # batch -> the conditioning list, where a family makes its own
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ def build(case: Case, base: str):
 def data(case: Case, batch: int) -> tuple[list[torch.Tensor], list]:
     """``batch`` latents and one caption each (what the VAE and text encoder nodes give), made in fake mode."""
     latents = [torch.randn(case.latent) for _ in range(batch)]
+    if case.captions is not None:
+        return latents, case.captions(batch)
     captions = []
     for _ in range(batch):
         extras: dict[str, Any] = {"pooled_output": None, **case.extras}
@@ -386,7 +389,8 @@ def family_case(family) -> Case:
     built = family_models.build(family)
     extras = {k: v for k, v in family.extras.items() if not callable(v)}
     return Case(family.name, family.detected_as, lambda: built.shapes, family.latent, family.tokens, family.context,
-                pooled=family.pooled, extras=extras, metadata=family_models.metadata(family))
+                pooled=family.pooled, extras=extras, metadata=family_models.metadata(family),
+                captions=lambda batch: family_models.conditioning(family, batch, seed=0))
 
 
 def safe_measure(case: Case, s: Settings, flops: bool = True) -> Measurement:
