@@ -10,7 +10,6 @@ import comfy.model_management
 
 from ..training import loop
 from ..training.checkpointing import repeated_blocks
-from ..training.inplace_safe import InplaceGuard
 from ..training.memory_estimate import GiB, Estimate, Plan, estimate, fake_tensors, profile_activations, \
     settings_that_fit
 from . import comfy_bridge, events
@@ -31,10 +30,7 @@ def plan_of(clone, adapters, conditioning, schedule, shape: tuple[int, ...], sam
     def forward() -> torch.Tensor:
         x0 = torch.zeros((1, *shape), device=device)
         sigma = schedule.sigmas[len(schedule.sigmas) // 2].reshape(1).to(device)
-        # One pass, as every step runs it: a cheap pass that finds a write into a saved tensor is thrown away before
-        # the watched rerun, so a fresh guard's two passes would count that model's activations twice.
-        return loop.sample_loss(denoise, schedule, x0, [sample], torch.zeros_like(x0), sigma, loss_function, autocast,
-                                InplaceGuard(watched=True))
+        return loop.sample_loss(denoise, schedule, x0, [sample], torch.zeros_like(x0), sigma, loss_function, autocast)
 
     with fake_tensors(), torch.enable_grad():
         profile = profile_activations(forward, repeated_blocks(root))

@@ -176,8 +176,8 @@ class InplaceGuard:
     """The protection of one model's forward passes (one per training run): cheap (``Pinned``) until a pass writes
     into a tensor it saved for backward, from then on the ``CopyOnWrite`` watch. ``watched`` says which."""
 
-    def __init__(self, watched: bool = False) -> None:
-        self.watched = watched
+    def __init__(self) -> None:
+        self.watched = False
 
     def forward(self, fn: Callable[[], T]) -> T:
         """``fn()`` (one forward pass; it may run twice, so it must not change its own inputs' values) with a graph
