@@ -12,21 +12,6 @@ BAR_WIDTH = 20
 DETAILS_LIMIT = 300  # characters of a validation error's details shown without -v
 
 
-def memory_line(d: dict[str, Any]) -> str:
-    """The training's peak-memory estimate (sent before its first step), and what would fit where it does not."""
-    gib = 1024 ** 3
-    parts = d.get("parts") or {}
-    text = (f"  [{d.get('node')}] estimated peak memory {d.get('estimate', 0) / gib:.2f} GiB ("
-            + ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items()) + f"); {d.get('available', 0) / gib:.2f} "
-            "GiB available")
-    if d.get("fits", True):
-        return text
-    fixes = d.get("suggestions") or []
-    return text + ": it may run out of memory; " + (
-        "would fit with " + " or ".join(fixes) if fixes else "no single change of checkpointing, fp8 base, batch or "
-        "resolution makes it fit")
-
-
 def bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
     filled = 0 if total <= 0 else min(width, round(width * done / total))
     return "[" + "#" * filled + "." * (width - filled) + "]"
@@ -90,8 +75,6 @@ class Report:
             self._line(f"> {self.name(data['node'])}")
         elif event == "lora_trainer.progress":
             self._step(data)
-        elif event == "lora_trainer.memory":
-            self._line(memory_line(data), None if data.get("fits", True) else self.err)
         elif event == "lora_trainer.validation":
             self._line(f"  [{data.get('node')}] step {data.get('step')}: validation loss "
                        f"{data.get('loss'):.6f}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import time
 
 import torch
@@ -23,8 +22,7 @@ from ..training.objectives import LOSSES
 from ..training.optimizers import OPTIMIZERS
 from ..training.train_state import StateError
 from ..training.validation import Validation
-from . import (comfy_bridge, events, inputs, lora_files, memory_plan, process_group, run_saves, save_metadata,
-               training_samples)
+from . import comfy_bridge, events, inputs, lora_files, process_group, run_saves, save_metadata, training_samples
 from .training_options import OPTIONS_TYPE, RunOptions
 
 log = logging.getLogger("lora_trainer")
@@ -227,19 +225,12 @@ class TrainLoRA:
                 step=on_step, cancel_exceptions=(comfy.model_management.InterruptProcessingException,),
                 checkpoint_every=run.save_every_n_steps, checkpoint=saves,
                 **training_samples.loop_hooks(sampler))
-            with attached(root, adapters):
-                # the peak, known before the first step (one fake forward of the largest latent size)
-                largest = max(groups, key=lambda g: math.prod(g.shape))
-                memory_plan.estimate_and_report(
-                    clone, adapters, conditioning, schedule, largest.shape, largest.sample_ids[0], node_id, device,
-                    optimizer=optimizer, batch_size=batch_size, checkpointing=gradient_checkpointing,
-                    loss_function=loss_function, autocast=autocast)
-                with checkpointed(root, gradient_checkpointing):
-                    try:
-                        result = loop.train(adapters.trainable(), groups, comfy_bridge.denoiser(clone, conditioning),
-                                            schedule, settings, generator, callbacks, resume, Ranks.current())
-                    except StateError as e:
-                        raise ValueError(f"resume_from: '{run.resume_from}' does not fit this run: {e}") from None
+            with attached(root, adapters), checkpointed(root, gradient_checkpointing):
+                try:
+                    result = loop.train(adapters.trainable(), groups, comfy_bridge.denoiser(clone, conditioning),
+                                        schedule, settings, generator, callbacks, resume, Ranks.current())
+                except StateError as e:
+                    raise ValueError(f"resume_from: '{run.resume_from}' does not fit this run: {e}") from None
                 sampled = sampler.finish() if sampler else None  # the grid, also of a cancelled run
 
         total = previous + result.steps_done

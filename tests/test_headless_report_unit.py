@@ -190,19 +190,3 @@ def test_sigint_and_sigterm_both_become_a_cancel(signal_name, how, code):
                           preexec_fn=harness.ctrl_c_reaches_child)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [how, str(code)]
-
-
-# -- memory estimate (issue 23) ---------------------------------------------------------------------------------------
-def test_memory_estimate_line_and_what_would_fit():
-    r, out, err = report()
-    gib = 1024 ** 3
-    parts = {"weights": 8 * gib, "adapters": gib, "gradients": gib, "optimizer": 2 * gib, "activations": 8 * gib}
-    r.on_message("lora_trainer.memory", {"node": "train", "estimate": 20 * gib, "parts": parts,
-                                         "available": 24 * gib, "fits": True, "suggestions": []})
-    assert lines(out) == ["  [train] estimated peak memory 20.00 GiB (weights 8.00, adapters 1.00, gradients 1.00, "
-                          "optimizer 2.00, activations 8.00); 24.00 GiB available"]
-    r.on_message("lora_trainer.memory", {"node": "train", "estimate": 20 * gib, "parts": parts,
-                                         "available": 12 * gib, "fits": False,
-                                         "suggestions": ["gradient_checkpointing on", "batch_size 1"]})
-    assert lines(err)[-1].endswith("12.00 GiB available: it may run out of memory; would fit with "
-                                   "gradient_checkpointing on or batch_size 1")

@@ -11,19 +11,13 @@ from .inplace_safe import checkpoint
 
 
 def repeated_blocks(root: nn.Module) -> list[nn.Module]:
-    """The elements of the outermost ModuleLists (transformer blocks, UNet stages): one checkpoint each.
-
-    An element that is an ``nn.Sequential`` contributes its layers instead: ComfyUI's UNet runs its stages
-    (``TimestepEmbedSequential``) layer by layer (``forward_timestep_embed``), never through the stage's own
-    ``forward``, so a checkpoint there would never run (the real-size benchmark found SDXL's activations
-    unchanged by checkpointing)."""
+    """The elements of the outermost ModuleLists (transformer blocks, UNet stages): one checkpoint each."""
     found: list[nn.Module] = []
 
     def visit(module: nn.Module) -> None:
         for child in module.children():
             if isinstance(child, nn.ModuleList):
-                for element in child:
-                    found.extend(element.children() if isinstance(element, nn.Sequential) else (element,))
+                found.extend(child)
             else:
                 visit(child)
 

@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -79,11 +78,7 @@ def _storage_key(t: torch.Tensor) -> int | None:
         storage = t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
         return None
-    if not storage.nbytes():
-        return None
-    # Fake tensors (the memory estimate's and the real-size benchmark's) have no memory: every data pointer is 0.
-    # Their StorageImpl tells them apart (it is what aliasing shares), so views and aliases still meet.
-    return storage._cdata if isinstance(t, FakeTensor) else storage.data_ptr()
+    return storage.data_ptr() if storage.nbytes() else None
 
 
 @functools.cache
