@@ -17,7 +17,7 @@ from torch import nn  # noqa: E402
 from lora.adapter_set import AdapterSet  # noqa: E402
 from lora.injection import attached  # noqa: E402
 from training import checkpointing  # noqa: E402
-from training.inplace_safe import CopyOnWrite, InplaceGuard, checkpoint, protected  # noqa: E402
+from training.inplace_safe import CopyOnWrite, checkpoint, protected  # noqa: E402
 
 pytestmark = pytest.mark.fast
 
@@ -162,104 +162,3 @@ def test_checkpoint_recomputes_once_and_keeps_autocast():
     assert calls == [torch.bfloat16, torch.bfloat16], "the backward pass reruns the block once, under the same autocast"
     torch.testing.assert_close(w.grad, x.sum(0, keepdim=True).t().expand(D, D).bfloat16().float(), rtol=2e-2,
                                atol=2e-2)
-
-
-# -- InplaceGuard: the watch only for models that need it ------------------------------------------------------------
-class SometimesInplace(nn.Module):
-    """Out of place until ``inplace`` is switched on: a write into saved tensors that only later steps make."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inner = Net(False)
-        self.inplace = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.inner.blocks:
-            block.inplace = self.inplace
-        return self.inner(x)
-
-
-def guarded_by(guard: InplaceGuard):
-    return lambda forward: guard.forward(forward)
-
-
-@pytest.mark.parametrize("with_checkpointing", [False, True])
-@pytest.mark.parametrize("inplace", [False, True])
-def test_guard_watches_only_models_that_write_into_what_they_saved(inplace, with_checkpointing):
-    reference = net(False)
-    want = gradients(reference, list(reference.parameters()), plain)
-    model = net(inplace)
-    guard = InplaceGuard()
-    with checkpointing.checkpointed(model, with_checkpointing):
-        for _ in range(2):  # the second step starts watched where the first found writes
-            model.zero_grad()
-            got = gradients(model, list(model.parameters()), guarded_by(guard))
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert guard.watched == inplace
-
-
-@pytest.mark.parametrize("with_checkpointing", [False, True])
-def test_guard_catches_writes_that_begin_on_a_later_step(with_checkpointing):
-    """Every cheap pass is checked: the step that first writes is run again watched, with exact gradients."""
-    model, reference = SometimesInplace(), net(False)
-    want = gradients(reference, list(reference.parameters()), plain)
-    guard = InplaceGuard()
-    params = list(model.inner.parameters())
-    with checkpointing.checkpointed(model.inner, with_checkpointing):
-        for step, inplace in enumerate((False, False, True, False)):
-            model.inplace = inplace
-            model.zero_grad()
-            got = gradients(model, params, guarded_by(guard))
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-            assert guard.watched == (step >= 2)
-
-
-def test_guard_catches_a_write_into_a_checkpointed_block_input_after_the_block():
-    """A block's input written by the code after the block: recomputing from it would be wrong, so the pass is
-    run again watched."""
-    def forward(model: Net, x: torch.Tensor, inplace: bool) -> torch.Tensor:
-        h = model.embed(x)
-        out = model.blocks[0](h, x.mean(0, keepdim=True))
-        if inplace:
-            h.mul_(2.0)  # after the block; h is the block's input
-        else:
-            h = h * 2.0
-        return out + h
-
-    reference = net(False)
-    x = torch.randn(4, D, generator=torch.Generator().manual_seed(1))
-    forward(reference, x, False).square().mean().backward()
-    model = net(False)
-    guard = InplaceGuard()
-    with checkpointing.checkpointed(model, True):
-        guard.forward(lambda: forward(model, x, True)).square().mean().backward()
-    assert guard.watched
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_a_write_after_the_checked_pass_raises_in_backward():
-    """Autograd does not check versions of tensors saved through hooks; the guard's cheap saves do: a write after
-    the pass is an error, never a silently wrong gradient."""
-    w = torch.randn(D, requires_grad=True)
-    guard = InplaceGuard()
-
-    def forward() -> tuple[torch.Tensor, torch.Tensor]:
-        h = w * 2.0
-        return h, h.sin()  # sin saves h
-
-    h, out = guard.forward(forward)
-    assert not guard.watched
-    with torch.no_grad():
-        h.add_(1.0)
-    with pytest.raises(RuntimeError, match="written in place after"):
-        out.sum().backward()
-
-
-def test_guard_without_grad_runs_the_pass_once_as_it_is():
-    calls = []
-    guard = InplaceGuard()
-    with torch.no_grad():
-        guard.forward(lambda: calls.append(1))
-    assert calls == [1] and not guard.watched

@@ -14,7 +14,7 @@ from . import objectives, optimizers
 from .schedules import LRSchedule
 from .timesteps import TimestepSampling
 from .flat_params import FlatParams
-from .inplace_safe import InplaceGuard
+from .inplace_safe import CopyOnWrite, protected
 from .data import Group, micro_batches, to_device
 from .distributed import Ranks
 from .ema import EMA
@@ -105,19 +105,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 def sample_loss(denoise: DenoiseFn, schedule: objectives.Schedule, x0: torch.Tensor, ids: list[int],
                 noise: torch.Tensor, sigma: torch.Tensor, loss_function: str,
-                compute_dtype: torch.dtype | None = None, guard: InplaceGuard | None = None) -> torch.Tensor:
-    """Per-sample native-objective loss of the model on ``x0`` at the given noise and sigmas. ``guard``: the
-    model's in-place protection, kept across calls (a fresh one per call finds out again what the model does)."""
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-sample native-objective loss of the model on ``x0`` at the given noise and sigmas."""
     sigma = sigma.to(x0.device)
     noise = noise.to(device=x0.device, dtype=x0.dtype)
-
-    def forward() -> torch.Tensor:
-        # x_t made inside: a pass the guard runs again gets it fresh, even if the model wrote into it the first time
-        with autocast(x0.device, compute_dtype):
-            return denoise(schedule.noisy(sigma, noise, x0), sigma, ids)
-
-    # ComfyUI's model code writes into tensors in place; the guard keeps backward correct through that.
-    denoised = (guard or InplaceGuard()).forward(forward)
+    x_t = schedule.noisy(sigma, noise, x0)
+    # ComfyUI's model code writes into tensors in place; ``protected`` keeps backward correct through that.
+    with autocast(x0.device, compute_dtype), protected(CopyOnWrite()):
+        denoised = denoise(x_t, sigma, ids)
     error = objectives.native_error(denoised, x0, schedule.output_scale(sigma, x0))
     return objectives.per_sample_loss(error, loss_function)
 
@@ -170,7 +165,6 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
     opt = optimizers.build(settings.optimizer, flat.tensors, settings.learning_rate)
     device = flat.tensors[0].device  # where the adapters, and so the model, train
     batches = micro_batches(groups, settings.batch_size * ranks.world, generator)
-    guard = InplaceGuard()  # learns once per run whether the model writes into what it saved for backward
     result = Result()
     smoothed = None
     non_finite_in_a_row = 0
@@ -206,7 +200,7 @@ def _train(flat: FlatParams, ema: EMA | None, groups: list[Group], denoise: Deno
                     x0 = to_device(group.rows(rows[mine]), device)
                     ids = [group.sample_ids[r] for r in rows[mine]]
                     per_sample = sample_loss(denoise, schedule, x0, ids, noise[mine], sigma[mine],
-                                             settings.loss_function, settings.compute_dtype, guard)
+                                             settings.loss_function, settings.compute_dtype)
                     weights = settings.timesteps.loss_weights(schedule, sigma[mine])
                     weighted = per_sample if weights is None else per_sample * weights.to(per_sample.device)
                     # one process: the batch mean; a rank: its rows' part of the global batch mean (summed later)
